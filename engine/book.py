@@ -1,0 +1,223 @@
+"""Account books: positions and balances of many accounts, ready for the margin kernel.
+
+Storage is CSR with slack: account ``a`` owns slots ``a*cap .. a*cap+count[a]`` of flat arrays,
+so a trade updates one slot in place (no rebuild) and a market move margins every account with
+one kernel call over ``start``/``end``. When an account needs more slots than ``cap``, the layout
+is rebuilt with twice the capacity (amortised O(1)).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import InvalidParameter, InvalidPrice, InvalidQuantity
+from .instruments import Kind, Settlement, Universe, check_quantity
+from .margin import MarginResult, run_margin
+from .market import RiskSet
+
+
+@dataclass(frozen=True)
+class Position:
+    instrument: str
+    quantity: float
+    cost: float  # settlement currency; 0 for spot balances and options (premium paid up front)
+
+
+class AccountBook:
+    def __init__(self, universe: Universe, capacity: int = 8):
+        self.universe = universe
+        self.cap = max(1, int(capacity))
+        self._row: dict[str, int] = {}
+        self.ids: list[str] = []
+        self.count = np.zeros(0, dtype=np.int64)
+        self.inst = np.zeros(0, dtype=np.int64)
+        self.qty = np.zeros(0, dtype=np.float64)
+        self.cost = np.zeros(0, dtype=np.float64)
+
+    # -- layout ---------------------------------------------------------------------------
+    def __len__(self):
+        return len(self.ids)
+
+    def __contains__(self, account: str) -> bool:
+        return account in self._row
+
+    def row(self, account: str, create: bool = True) -> int:
+        r = self._row.get(account)
+        if r is None:
+            if not create:
+                raise KeyError(account)
+            r = len(self.ids)
+            self.ids.append(account)
+            self._row[account] = r
+            if r >= self.count.shape[0]:
+                self._grow_rows(max(16, 2 * self.count.shape[0]))
+        return r
+
+    def _grow_rows(self, n_rows):
+        old = self.count.shape[0]
+        self.count = np.concatenate([self.count, np.zeros(n_rows - old, dtype=np.int64)])
+        extra = (n_rows - old) * self.cap
+        self.inst = np.concatenate([self.inst, np.zeros(extra, dtype=np.int64)])
+        self.qty = np.concatenate([self.qty, np.zeros(extra)])
+        self.cost = np.concatenate([self.cost, np.zeros(extra)])
+
+    def _grow_cap(self, new_cap):
+        n = self.count.shape[0]
+        inst = np.zeros(n * new_cap, dtype=np.int64)
+        qty = np.zeros(n * new_cap)
+        cost = np.zeros(n * new_cap)
+        for arr_new, arr_old in ((inst, self.inst), (qty, self.qty), (cost, self.cost)):
+            arr_new.reshape(n, new_cap)[:, :self.cap] = arr_old.reshape(n, self.cap)
+        self.inst, self.qty, self.cost, self.cap = inst, qty, cost, new_cap
+
+    @property
+    def start(self) -> np.ndarray:
+        s = getattr(self, "_start", None)
+        if s is None or s.shape[0] != self.count.shape[0] or (s.shape[0] > 1 and s[1] != self.cap):
+            s = self._start = np.arange(self.count.shape[0], dtype=np.int64) * self.cap
+        return s
+
+    @property
+    def end(self) -> np.ndarray:
+        return self.start + self.count
+
+    # -- positions ------------------------------------------------------------------------
+    def _slot(self, r: int, inst_row: int) -> int:
+        base = r * self.cap
+        n = self.count[r]
+        hit = np.flatnonzero(self.inst[base:base + n] == inst_row)
+        return int(base + hit[0]) if hit.size else -1
+
+    def get(self, account: str, instrument: str) -> tuple[float, float]:
+        if account not in self._row:
+            return 0.0, 0.0
+        j = self._slot(self._row[account], self.universe.row(instrument))
+        return (0.0, 0.0) if j < 0 else (float(self.qty[j]), float(self.cost[j]))
+
+    def set(self, account: str, instrument: str, qty: float, cost: float) -> None:
+        """Set one position (or balance) of an account; a zero position frees its slot."""
+        i = self.universe.row(instrument)
+        check_quantity(qty, instrument)
+        if not np.isfinite(cost):
+            raise InvalidQuantity(f"cost {cost!r} of {instrument} is not finite", field="cost",
+                                  value=cost, instrument=instrument)
+        r = self.row(account)
+        j = self._slot(r, i)
+        if qty == 0.0 and cost == 0.0:
+            if j >= 0:
+                last = r * self.cap + self.count[r] - 1
+                self.inst[j], self.qty[j], self.cost[j] = self.inst[last], self.qty[last], \
+                    self.cost[last]
+                self.count[r] -= 1
+            return
+        if j < 0:
+            if self.count[r] == self.cap:
+                self._grow_cap(self.cap * 2)
+            j = r * self.cap + self.count[r]
+            self.count[r] += 1
+            self.inst[j] = i
+        self.qty[j] = qty
+        self.cost[j] = cost
+
+    def positions(self, account: str) -> list[Position]:
+        if account not in self._row:
+            return []
+        r = self._row[account]
+        base = r * self.cap
+        names = self.universe.instruments
+        return [Position(names[self.inst[j]].id, float(self.qty[j]), float(self.cost[j]))
+                for j in range(base, base + self.count[r])]
+
+    def load(self, account: str, positions) -> None:
+        """Replace an account's positions (used when restoring from a table)."""
+        r = self.row(account)
+        self.count[r] = 0
+        for p in positions:
+            self.set(account, p.instrument, p.quantity, p.cost)
+
+    # -- events ---------------------------------------------------------------------------
+    def apply_trade(self, account: str, instrument: str, qty: float, price: float,
+                    fee: float = 0.0) -> float:
+        """Apply a fill; returns the realised P&L in the settlement currency.
+
+        Premium-paid instruments (spot, options) move the settlement balance by qty x price x
+        multiplier; futures and perpetuals keep an average cost and realise P&L when reduced.
+        """
+        inst = self.universe.instruments[self.universe.row(instrument)]
+        q = check_quantity(qty, instrument)
+        if q == 0.0:
+            raise InvalidQuantity(f"trade quantity for {instrument} is zero", field="quantity",
+                                  value=qty, instrument=instrument)
+        if not (np.isfinite(price) and price > 0):
+            raise InvalidPrice(f"trade price for {instrument} must be > 0, got {price!r}",
+                               field="price", value=price, instrument=instrument)
+        if not np.isfinite(fee):
+            raise InvalidParameter(f"fee {fee!r} is not finite", field="fee", value=fee)
+        settle = inst.settle_asset if inst.kind != Kind.SPOT else "USD"
+        Q, C = self.get(account, instrument)
+        realised = 0.0
+        if inst.kind in (Kind.SPOT, Kind.CALL, Kind.PUT):
+            self.set(account, instrument, Q + q, 0.0)
+            self._add_balance(account, settle, -q * price * inst.multiplier)
+        else:
+            v = -inst.multiplier / price if inst.settlement == Settlement.INVERSE \
+                else inst.multiplier * price
+            if Q == 0.0 or np.sign(q) == np.sign(Q):
+                Q, C = Q + q, C + q * v
+            else:
+                closing = np.sign(q) * min(abs(q), abs(Q))
+                avg = C / Q
+                realised = -closing * (v - avg)
+                Q, C = Q + closing, C + closing * avg
+                rest = q - closing
+                if rest != 0.0:
+                    Q, C = Q + rest, C + rest * v
+                if Q == 0.0:
+                    C = 0.0
+            self.set(account, instrument, Q, C)
+            self._add_balance(account, settle, realised)
+        if fee:
+            self._add_balance(account, settle, -fee)
+        return realised
+
+    def apply_collateral(self, account: str, asset: str, amount: float) -> None:
+        """Deposit (amount > 0) or withdraw / charge (amount < 0) an asset balance."""
+        if asset not in self.universe:
+            self.universe.add_underlying(asset)
+        check_quantity(amount, asset)
+        self._add_balance(account, asset, amount)
+
+    def _add_balance(self, account, asset, amount):
+        q, _ = self.get(account, asset)
+        self.set(account, asset, q + amount, 0.0)
+
+    # -- margin ---------------------------------------------------------------------------
+    def rows_holding(self, underlying: str) -> np.ndarray:
+        """Rows of accounts with any position or balance in ``underlying``."""
+        u = self.universe.underlying_index(underlying)
+        n = len(self.ids)
+        if n == 0:
+            return np.zeros(0, dtype=np.int64)
+        und = self.universe.arrays.und
+        slots = self.inst[: n * self.cap].reshape(n, self.cap)
+        valid = np.arange(self.cap)[None, :] < self.count[:n, None]
+        return np.flatnonzero(((und[slots] == u) & valid).any(axis=1)).astype(np.int64)
+
+    def margin(self, rs: RiskSet, rows=None, parallel: bool | None = None) -> MarginResult:
+        if rows is None:
+            rows = np.arange(len(self.ids), dtype=np.int64)
+        if rs.value.shape[0] < len(self.universe):
+            raise InvalidParameter("risk set is older than the instrument universe; recompute "
+                                   "it after adding instruments")
+        start = self.start
+        if rows.shape[0] == 1:
+            end = start[rows] + self.count[rows]
+            return run_margin(np.zeros(1, dtype=np.int64), start[rows],
+                              end, self.inst, self.qty, self.cost, self.universe.arrays, rs,
+                              parallel=False, out_rows=rows)
+        return run_margin(rows, start, start + self.count, self.inst, self.qty, self.cost,
+                          self.universe.arrays, rs, parallel=parallel)
+
+    def margin_account(self, account: str, rs: RiskSet) -> MarginResult:
+        return self.margin(rs, np.array([self.row(account)], dtype=np.int64), parallel=False)

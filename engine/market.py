@@ -1,0 +1,267 @@
+"""Market state and instrument risk arrays.
+
+A :class:`Market` holds the latest index price per underlying and mark / implied vol per
+instrument. :meth:`Market.risk_set` turns them into a :class:`RiskSet`: for every instrument its
+USD value per unit at mark, its unit greeks, and its *risk array* (USD P&L per unit in each
+scenario of its underlying's grid) computed by full Black-76 revaluation. Risk arrays are computed
+once per market update and shared by every account (the SPAN idea), so re-margining an account is
+a sparse dot product.
+
+Values are in USD. For an inverse (coin-settled) instrument the USD value of one unit is
+``mark_in_coin x index``; a coin-denominated cost basis is carried by the account as exposure to
+the underlying's spot row (see engine.margin).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numba as nb
+import numpy as np
+
+from .errors import ExpiredInstrument, InvalidPrice, InvalidVolatility, MissingMarketData
+from .instruments import MS_PER_DAY, MS_PER_YEAR, Kind, Universe
+from .params import RiskParams
+from .pricing import black76, black76_price
+from .scenarios import preset
+
+MIN_SHOCKED_VOL = 0.01
+
+
+@dataclass(frozen=True, eq=False)
+class RiskSet:
+    """Everything the margin kernel needs about the market, as arrays.
+
+    Per instrument row: ``value`` (USD per unit at mark), ``risk`` (n_inst x n_scen USD P&L per
+    unit), ``greeks`` (n_inst x 4: delta in underlying units, gamma per USD, vega per 1.00 vol,
+    theta per year, all USD-valued), ``notional_delta`` (coin delta of futures, for the basis
+    add-on). Per underlying: ``index``, ``weight`` (n_und x n_scen), ``moves`` and the add-on
+    parameters. ``version`` counts updates so consumers can tell stale sets apart.
+    """
+
+    value: np.ndarray
+    risk: np.ndarray
+    greeks: np.ndarray
+    notional_delta: np.ndarray
+    index: np.ndarray
+    moves: np.ndarray
+    vol_sign: np.ndarray
+    weight: np.ndarray
+    short_option_min: np.ndarray
+    concentration_rate: np.ndarray
+    concentration_liquidity: np.ndarray
+    basis_rate: np.ndarray
+    mm_ratio: np.ndarray
+    haircut: np.ndarray
+    joint: bool
+    params_version: int
+    as_of_ms: int
+
+    def packed(self, universe_arrays) -> np.ndarray:
+        """The packed instrument table for the margin kernel, built once per RiskSet."""
+        tab = self.__dict__.get("_packed")
+        if tab is None or tab.shape[0] != self.value.shape[0]:
+            from .margin import pack_instruments
+            tab = pack_instruments(self, universe_arrays)
+            object.__setattr__(self, "_packed", tab)
+        return tab
+
+
+@nb.njit(cache=True, parallel=True)
+def risk_arrays(rows, kind, inverse, mult, strike, t_years, spot, mark, vol, rate, vol_shock,
+                moves, vol_sign, und, value, risk, greeks, notional_delta):
+    """Fill value / risk / greeks / notional_delta for ``rows`` (no argument checks).
+
+    ``spot``, ``rate`` are per underlying; ``moves``/``vol_sign`` are per underlying x scenario.
+    """
+    n_scen = moves.shape[1]
+    for r in nb.prange(rows.shape[0]):
+        i = rows[r]
+        u = und[i]
+        k = kind[i]
+        s0 = spot[u] if u >= 0 else 1.0
+        if k == 0:  # spot / collateral asset
+            value[i] = s0
+            greeks[i, 0] = 1.0 if u >= 0 else 0.0
+            greeks[i, 1] = 0.0
+            greeks[i, 2] = 0.0
+            greeks[i, 3] = 0.0
+            notional_delta[i] = 0.0
+            for s in range(n_scen):
+                risk[i, s] = s0 * moves[u, s] if u >= 0 else 0.0
+        elif k == 1 or k == 2:  # perpetual / dated future, priced at its own mark (forward)
+            f0 = mark[i]
+            if inverse[i]:
+                # USD value of a coin-settled contract is -mult * S / F: invariant under the
+                # proportional scenario moves, so its price risk lives in the coin cost basis.
+                value[i] = -mult[i] * s0 / f0
+                greeks[i, 0] = 0.0
+                notional_delta[i] = mult[i] / f0
+                for s in range(n_scen):
+                    risk[i, s] = 0.0
+            else:
+                value[i] = mult[i] * f0
+                greeks[i, 0] = mult[i] * f0 / s0
+                notional_delta[i] = mult[i] * f0 / s0
+                for s in range(n_scen):
+                    risk[i, s] = mult[i] * f0 * moves[u, s]
+            greeks[i, 1] = 0.0
+            greeks[i, 2] = 0.0
+            greeks[i, 3] = 0.0
+        else:  # European option on the forward S * exp(r t)
+            t = t_years[i]
+            g = math.exp(rate[u] * t)
+            f0 = s0 * g
+            is_call = k == 3
+            sig = vol[i]
+            p0, d, gm, vg, th = black76(f0, strike[i], t, sig, rate[u], is_call)
+            m = mult[i]
+            value[i] = m * mark[i] * s0 if inverse[i] else m * mark[i]
+            greeks[i, 0] = m * d * g
+            greeks[i, 1] = m * gm * g * g
+            greeks[i, 2] = m * vg
+            greeks[i, 3] = m * th
+            notional_delta[i] = 0.0
+            shock = vol_shock[i]
+            for s in range(n_scen):
+                sig1 = sig * (1.0 + vol_sign[u, s] * shock)
+                if sig1 < MIN_SHOCKED_VOL:
+                    sig1 = MIN_SHOCKED_VOL
+                f1 = f0 * (1.0 + moves[u, s])
+                if f1 <= 0.0:
+                    # a -100% move: calls worthless, puts worth their discounted strike
+                    p1 = 0.0 if is_call else strike[i] * math.exp(-rate[u] * t)
+                else:
+                    p1 = black76_price(f1, strike[i], t, sig1, rate[u], is_call)
+                risk[i, s] = m * (p1 - p0)
+
+
+class Market:
+    """Latest market data for a universe; produces :class:`RiskSet` snapshots.
+
+    Updates are validated as they arrive (a NaN or non-positive price raises
+    :class:`~engine.errors.InvalidPrice` naming the instrument), so a RiskSet never contains NaN.
+    """
+
+    def __init__(self, universe: Universe, params: RiskParams | None = None):
+        self.universe = universe
+        self.params = params or RiskParams()
+        self.index: dict[str, float] = {}
+        self.mark: dict[str, float] = {}
+        self.iv: dict[str, float] = {}
+        self._last: RiskSet | None = None
+
+    # -- updates --------------------------------------------------------------------------
+    def set_index(self, underlying: str, price: float) -> None:
+        _positive(price, "index_price", underlying)
+        self.universe.add_underlying(underlying)
+        self.index[underlying] = float(price)
+
+    def set_quote(self, instrument_id: str, mark: float, iv: float | None = None,
+                  index: float | None = None) -> None:
+        inst = self.universe.instruments[self.universe.row(instrument_id)]
+        _positive(mark, "mark", instrument_id)
+        if inst.is_option:
+            if iv is None or not (math.isfinite(iv) and 0 < iv <= 10):
+                raise InvalidVolatility(f"{instrument_id}: mark IV must be in (0, 10], got {iv!r}",
+                                        field="mark_iv", value=iv, instrument=instrument_id)
+            self.iv[instrument_id] = float(iv)
+        if index is not None and inst.underlying is not None:
+            self.set_index(inst.underlying, index)
+        if inst.kind == Kind.SPOT and inst.underlying is not None:
+            self.index[inst.underlying] = float(mark)
+        self.mark[instrument_id] = float(mark)
+
+    def set_params(self, params: RiskParams) -> None:
+        self.params = params
+
+    # -- snapshots ------------------------------------------------------------------------
+    def risk_set(self, now_ms: int, strict: bool = True) -> RiskSet:
+        """Compute risk arrays for every priced instrument.
+
+        With ``strict`` an instrument without a quote (or underlying without an index) raises
+        :class:`MissingMarketData`; otherwise it is valued at 0 with zero risk (the pipeline
+        uses non-strict mode so that listing an instrument before its first quote is harmless).
+        """
+        uni = self.universe
+        a = uni.arrays
+        p = self.params
+        n, nu = len(uni), len(uni.underlyings)
+        grids = [preset(p.for_underlying(u).grid) for u in uni.underlyings]
+        n_scen = max((len(g) for g in grids), default=1)
+        moves = np.zeros((nu, n_scen))
+        vsign = np.zeros((nu, n_scen))
+        weight = np.ones((nu, n_scen))
+        spot = np.full(nu, np.nan)
+        up = [p.for_underlying(u) for u in uni.underlyings]
+        for u, (name, g, q) in enumerate(zip(uni.underlyings, grids, up)):
+            moves[u, :len(g)] = g.moves(q.scan_range)
+            vsign[u, :len(g)] = g.vol_sign
+            weight[u, :len(g)] = g.weight
+            if name in self.index:
+                spot[u] = self.index[name]
+            elif strict:
+                raise MissingMarketData(f"no index price for underlying {name}", field="index",
+                                        value=name)
+        mark = np.full(n, np.nan)
+        vol = np.full(n, np.nan)
+        t_years = np.zeros(n)
+        shock = np.zeros(n)
+        priced = np.zeros(n, dtype=np.bool_)
+        for i, inst in enumerate(uni.instruments):
+            u = a.und[i]
+            if u >= 0 and not np.isfinite(spot[u]):
+                continue
+            if inst.kind == Kind.SPOT:
+                priced[i] = True
+                continue
+            m = self.mark.get(inst.id)
+            if m is None:
+                if strict:
+                    raise MissingMarketData(f"no quote for {inst.id}", field="mark",
+                                            instrument=inst.id)
+                continue
+            if inst.expiry_ms is not None:
+                dt = inst.expiry_ms - now_ms
+                if dt <= 0:
+                    if strict:
+                        raise ExpiredInstrument(f"{inst.id} expired at {inst.expiry_ms} "
+                                                f"(now {now_ms})", field="expiry_ms",
+                                                value=inst.expiry_ms, instrument=inst.id)
+                    continue
+                t_years[i] = dt / MS_PER_YEAR
+                shock[i] = up[u].vol_shock(dt / MS_PER_DAY)
+            mark[i] = m
+            if inst.is_option:
+                vol[i] = self.iv[inst.id]
+            priced[i] = True
+        rows = np.flatnonzero(priced).astype(np.int64)
+        value = np.zeros(n)
+        risk = np.zeros((n, n_scen))
+        greeks = np.zeros((n, 4))
+        nd = np.zeros(n)
+        rate = np.array([q.rate for q in up], dtype=np.float64)
+        spot_k = np.where(np.isfinite(spot), spot, 1.0)
+        risk_arrays(rows, a.kind, a.inverse, a.mult, a.strike, t_years, spot_k, mark, vol,
+                    rate, shock, moves, vsign, a.und, value, risk, greeks, nd)
+        haircut = np.array([p.haircut(inst.id) if inst.kind == Kind.SPOT else 0.0
+                            for inst in uni.instruments], dtype=np.float64)
+        rs = RiskSet(
+            value=value, risk=risk, greeks=greeks, notional_delta=nd, index=spot_k,
+            moves=moves, vol_sign=vsign, weight=weight,
+            short_option_min=np.array([q.short_option_min for q in up], dtype=np.float64),
+            concentration_rate=np.array([q.concentration_rate for q in up], dtype=np.float64),
+            concentration_liquidity=np.array([q.concentration_liquidity for q in up]),
+            basis_rate=np.array([q.basis_rate for q in up], dtype=np.float64),
+            mm_ratio=np.array([q.mm_ratio for q in up], dtype=np.float64),
+            haircut=haircut, joint=p.joint_scenarios, params_version=p.version,
+            as_of_ms=int(now_ms))
+        self._last = rs
+        return rs
+
+
+def _positive(x, field, who):
+    if x is None or not isinstance(x, (int, float, np.floating, np.integer)) \
+            or not math.isfinite(x) or x <= 0:
+        raise InvalidPrice(f"{who}: {field} must be finite and > 0, got {x!r}", field=field,
+                           value=x, instrument=who)
