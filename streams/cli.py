@@ -31,6 +31,55 @@ def bench_kernel(options: int = typer.Option(20_000, help="options for the risk-
     typer.echo(json.dumps(run(options, accounts, positions, repeat), indent=2))
 
 
+def _settings(**overrides):
+    from .settings import load_settings
+    try:
+        return load_settings(**overrides)
+    except ValueError as e:
+        raise UserError(str(e).splitlines()[0] if "\n" not in str(e) else str(e)) from None
+
+
+def _logging(level: str = "INFO"):
+    import logging
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+
+
+@app.command()
+def init():
+    """Create the topics (idempotent) and apply the ClickHouse migrations."""
+    _logging()
+    from .topics import create_topics
+    s = _settings()
+    for name, state in create_topics(s).items():
+        typer.echo(f"topic {name}: {state}")
+    try:
+        from .store import open_store
+    except ImportError:
+        return
+    with open_store(s) as st:
+        for m in st.migrate():
+            typer.echo(f"clickhouse migration {m}")
+
+
+@app.command()
+def worker(loglevel: str = typer.Option("info", help="log level")):
+    """Run a margin worker (Faust) until interrupted."""
+    s = _settings()
+    from .topics import create_topics
+    create_topics(s)
+    from .app import create_app
+    sink = None
+    try:
+        from .store import make_sink
+        sink = make_sink(s)
+    except ImportError:
+        pass
+    pipe = create_app(s, sink=sink)
+    from faust import Worker
+    Worker(pipe.app, loglevel=loglevel, redirect_stdouts=False).execute_from_commandline()
+
+
 def main() -> None:
     try:
         app()

@@ -1,0 +1,369 @@
+"""Faust application factory: agents for account events, a broadcast reader for market and
+reference data, outputs to margin-calls, dead-letters and the results sink.
+
+Design (see README "Architecture"):
+
+* ``accounts`` agent, concurrency 1 (faust #606), consumes trades + collateral (co-partitioned by
+  account) in micro-batches (``take_events``) and hands them to :class:`RiskProcessor`.
+* Account state lives in a changelog-backed Faust table ``accounts`` (one record per account).
+  The engine's numpy account book is a cache of it, rebuilt after every rebalance. Table writes
+  always name the account's partition explicitly, so market-driven updates (made outside an
+  agent) land on the same changelog partition as trade-driven ones.
+* Quotes, instruments and risk params are *broadcast*: every worker reads all partitions with a
+  group-less consumer (no GlobalTable, avoiding faust #283) and computes the same risk arrays.
+  Ticks are coalesced: risk arrays are recomputed at most every ``coalesce_ms`` and the dirty
+  flag guarantees the last tick is always applied.
+* Each batch's outputs (margin events, dead letters, changelog records) are awaited until the
+  broker acknowledges them before the batch's input offsets can be committed: at-least-once
+  with deterministic event ids, so a replay re-emits identical events rather than new ones.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from datetime import datetime, timezone
+
+import faust
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+import engine as E
+from schemas import Codec, ConfluentCodec, SchemaError
+
+from .processor import Output, Rejected, RiskProcessor
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class Pipeline:
+    """Everything a worker holds; ``app`` is the Faust app."""
+
+    def __init__(self, settings: Settings, sink=None):
+        self.s = settings
+        self.codec = ConfluentCodec(settings.schema_registry_url) \
+            if settings.schema_registry_url else Codec()
+        self.processor = RiskProcessor(
+            E.StateThresholds(settings.warning_level, settings.hysteresis,
+                              settings.liquidation_buffer),
+            snapshot_interval_ms=settings.snapshot_interval_ms)
+        self.sink = sink
+        self.metrics = {"events_in": 0, "margin_events": 0, "dead_letters": 0, "batches": 0,
+                        "market_ticks": 0}
+        self.needs_sync = True
+        self.ref_ready = asyncio.Event()
+        self._bc_consumer = None
+        self._applied: dict = {}   # broadcast TopicPartition -> next offset to apply
+        self.app = self._build()
+
+    # -- app ----------------------------------------------------------------------------------
+    def _build(self) -> faust.App:
+        s = self.s
+        brokers = [f"kafka://{b.strip()}" for b in s.kafka_bootstrap.split(",")]
+        (s.data_dir / "faust").mkdir(parents=True, exist_ok=True)
+        kw = {}
+        if s.kafka_security_protocol != "PLAINTEXT":
+            kw["broker_credentials"] = _faust_credentials(s)
+        app = faust.App(
+            s.app_id, broker=brokers, store=s.store, datadir=str(s.data_dir / "faust"),
+            topic_partitions=s.partitions, topic_replication_factor=s.replication_factor,
+            processing_guarantee="at_least_once", consumer_auto_offset_reset="earliest",
+            broker_commit_interval=1.0, broker_commit_every=10_000,
+            stream_buffer_maxsize=max(4096, 2 * s.batch_max), stream_wait_empty=False,
+            web_enabled=s.web_port > 0, web_port=max(s.web_port, 1), web_bind=s.web_host,
+            producer_acks=-1, producer_linger_ms=2, table_standby_replicas=0,
+            topic_allow_declare=True, key_serializer="raw", value_serializer="raw", **kw)
+        self.app = app
+        self.table = app.Table("accounts", default=None, partitions=s.partitions,
+                               key_type=bytes, value_type=None)
+        raw = dict(key_type=bytes, value_type=bytes, key_serializer="raw",
+                   value_serializer="raw")
+        self.account_topic = app.topic(s.topic("trades"), s.topic("collateral"),
+                                       partitions=s.partitions, **raw)
+        self.margin_topic = app.topic(s.topic("margin-calls"), partitions=s.partitions, **raw)
+        self.dlq_topic = app.topic(s.topic("dead-letters"), partitions=1, **raw)
+
+        @app.agent(self.account_topic, concurrency=1, name="accounts")
+        async def accounts(stream):
+            async for batch in stream.take_events(s.batch_max, within=s.batch_within_s):
+                await self.handle_account_batch(batch)
+
+        @app.task
+        async def market():
+            try:
+                await self.run_broadcast()
+            except asyncio.CancelledError:
+                raise
+            except BaseException as exc:
+                # without market data the worker would margin on stale prices: stop loudly
+                log.exception("broadcast reader failed; stopping the worker")
+                await app.crash(exc)
+
+        app.on_partitions_assigned.connect(self._on_assign)
+        app.on_partitions_revoked.connect(self._on_revoke)
+        self.accounts_agent = accounts
+        return app
+
+    async def _on_assign(self, sender, assigned, **kw):
+        self.needs_sync = True
+
+    async def _on_revoke(self, sender, revoked, **kw):
+        self.needs_sync = True
+
+    def owned_partitions(self) -> set[int]:
+        try:
+            tps = self.app.assignor.assigned_actives()
+        except Exception:  # before the first assignment
+            return set()
+        return {tp.partition for tp in tps if tp.topic == self.s.topic("trades")}
+
+    # -- state sync ---------------------------------------------------------------------------
+    def sync_from_table(self) -> None:
+        """Make the engine's book mirror the table (after a rebalance or recovery)."""
+        if not self.needs_sync:
+            return
+        self.needs_sync = False
+        owned = self.owned_partitions()
+        proc = self.processor
+        keep = []
+        for key, rec in self.table.data.items():
+            acct = key.decode() if isinstance(key, bytes) else key
+            if rec is None or rec.get("p", -1) not in owned:
+                continue
+            keep.append(acct)
+            if acct not in proc.seq or proc.seq[acct] != rec["seq"] or \
+                    proc.offsets.get(acct) != rec["off"]:
+                proc.load_account(acct, rec)
+        proc.drop_accounts(keep)
+        log.info("synced %d accounts from table for partitions %s", len(keep), sorted(owned))
+
+    def persist(self, accts) -> None:
+        proc = self.processor
+        for a in accts:
+            rec = proc.account_record(a)
+            p = rec["p"]
+            if p < 0:
+                continue
+            key = a.encode()
+            self.table.data[key] = rec
+            self.table.send_changelog(p, key, rec)
+
+    # -- account events -----------------------------------------------------------------------
+    async def catch_up_reference(self, timeout: float = 10.0) -> None:
+        """Wait until the broadcast reader has applied every instrument and risk-params record
+        that exists now: an exchange may publish an instrument and trade it a moment later."""
+        c = self._bc_consumer
+        if c is None:
+            return
+        tps = [tp for tp in self._applied if tp.topic in (self.s.topic("instruments"),
+                                                           self.s.topic("risk-params"))]
+        ends = await c.end_offsets(tps)
+        deadline = time.monotonic() + timeout
+        while any(self._applied.get(tp, 0) < ends[tp] for tp in tps) and \
+                time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+
+    async def handle_account_batch(self, batch) -> None:
+        if not self.ref_ready.is_set():
+            await self.ref_ready.wait()
+        self.sync_from_table()
+        decoded = []
+        rejected: list[Rejected] = []
+        for ev in batch:
+            m = ev.message
+            try:
+                name, rec = self.codec.decode(ev.value)
+                expect = "Trade" if m.topic == self.s.topic("trades") else "CollateralChange"
+                if name != expect:
+                    raise SchemaError(f"{name} record on {m.topic}, expected {expect}")
+                if ev.key is not None and ev.key != rec["account"].encode():
+                    raise SchemaError(f"key {ev.key!r} does not match account "
+                                      f"{rec['account']!r}: the record is on the wrong partition")
+            except SchemaError as e:
+                rejected.append(Rejected(m.topic, m.partition, m.offset, type(e).__name__,
+                                         str(e)))
+                continue
+            decoded.append((name, rec, m.topic, m.partition, m.offset))
+        self.metrics["events_in"] += len(batch)
+        self.metrics["batches"] += 1
+        uni = self.processor.universe
+        if any(n == "Trade" and r["instrument"] not in uni for n, r, *_ in decoded):
+            await self.catch_up_reference()
+        out = self.processor.apply_account_events(decoded)
+        out.rejected = rejected + out.rejected
+        await self.emit(out, {(m.topic, m.partition, m.offset): m for m in
+                              (ev.message for ev in batch)})
+
+    async def emit(self, out: Output, messages=None) -> None:
+        futs = []
+        for evt in out.events:
+            futs.append(await self.margin_topic.send(key=evt["account"].encode(),
+                                                     value=self.codec.encode("MarginEvent", evt)))
+        for r in out.rejected:
+            m = (messages or {}).get((r.topic, r.partition, r.offset))
+            futs.append(await self.dlq_topic.send(
+                key=r.topic.encode(),
+                value=self.codec.encode("DeadLetter", dead_letter(r, m))))
+            log.warning("dead letter %s[%d]@%d: %s: %s", r.topic, r.partition, r.offset,
+                        r.error_type, r.reason)
+        self.persist(out.touched)
+        self.metrics["margin_events"] += len(out.events)
+        self.metrics["dead_letters"] += len(out.rejected)
+        if futs:
+            await asyncio.gather(*futs)
+        if self.sink is not None and (out.snapshots or out.events):
+            await self.sink.submit(out)
+
+    # -- broadcast reader -----------------------------------------------------------------------
+    async def run_broadcast(self) -> None:
+        s = self.s
+        topics = {s.topic("instruments"): "Instrument", s.topic("risk-params"): "RiskParams",
+                  s.topic("quotes"): "Quote"}
+        consumer = AIOKafkaConsumer(bootstrap_servers=s.kafka_bootstrap, group_id=None,
+                                    enable_auto_commit=False, auto_offset_reset="earliest",
+                                    **_aiokafka_security(s))
+        await consumer.start()
+        self._bc_consumer = consumer
+        try:
+            tps = []
+            parts = await asyncio.get_running_loop().run_in_executor(
+                None, _partitions, s, list(topics))
+            for t in topics:
+                tps += [TopicPartition(t, p) for p in parts[t]]
+            consumer.assign(tps)
+            for tp in tps:
+                self._applied.setdefault(tp, 0)
+            await consumer.seek_to_beginning(*tps)
+            # reference data first, up to its current end, so quotes find their instruments;
+            # then the quotes up to their current end, so no account is margined on a partial
+            # market at start-up
+            quotes = [tp for tp in tps if tp.topic == s.topic("quotes")]
+            ref = [tp for tp in tps if tp.topic != s.topic("quotes")]
+            consumer.pause(*quotes)
+            await self._read_to_end(consumer, ref, topics)
+            consumer.resume(*quotes)
+            consumer.pause(*ref)
+            await self._read_to_end(consumer, quotes, topics)
+            if self.processor.dirty_underlyings:
+                self.processor.on_market_tick()  # no accounts yet: just builds the risk set
+            consumer.resume(*tps)
+            self.ref_ready.set()
+            log.info("reference data loaded: %d instruments, params version %d; reading quotes",
+                     len(self.processor.universe), self.processor.params.version)
+            last_tick = 0.0
+            interval = s.coalesce_ms / 1000.0
+            while True:
+                got = await consumer.getmany(timeout_ms=max(1, s.coalesce_ms // 2),
+                                             max_records=20_000)
+                await self.apply_broadcast(got, topics)
+                now = time.monotonic()
+                if self.processor.dirty_underlyings and (now - last_tick >= interval or
+                                                          not got):
+                    last_tick = now
+                    await self.market_tick()
+        finally:
+            await consumer.stop()
+
+    async def _read_to_end(self, consumer, tps, topics) -> None:
+        ends = await consumer.end_offsets(tps)
+        while True:
+            pos = [await consumer.position(tp) for tp in tps]
+            if all(p >= ends[tp] for p, tp in zip(pos, tps)):
+                return
+            got = await consumer.getmany(timeout_ms=200, max_records=20_000)
+            await self.apply_broadcast(got, topics)
+
+    async def apply_broadcast(self, got, topics) -> None:
+        proc = self.processor
+        rejected = []
+        affected: set[str] = set()
+        owned = self.owned_partitions()
+        for tp, msgs in got.items():
+            kind = topics[tp.topic]
+            if msgs:
+                self._applied[tp] = msgs[-1].offset + 1
+            for m in msgs:
+                try:
+                    name, rec = self.codec.decode(m.value, expect=kind)
+                    if kind == "Quote":
+                        proc.apply_quote(rec)
+                    elif kind == "Instrument":
+                        proc.apply_instrument(rec)
+                    else:
+                        affected |= set(proc.apply_risk_params(rec))
+                except (SchemaError, E.EngineError) as e:
+                    # every worker reads broadcast topics; the owner of the matching partition
+                    # number reports the dead letter so it is recorded once
+                    if (m.partition % self.s.partitions) in owned:
+                        rejected.append((Rejected(tp.topic, m.partition, m.offset,
+                                                  type(e).__name__, str(e)), m))
+        if rejected:
+            futs = []
+            for r, m in rejected:
+                futs.append(await self.dlq_topic.send(
+                    key=r.topic.encode(), value=self.codec.encode("DeadLetter",
+                                                                  dead_letter(r, m))))
+            self.metrics["dead_letters"] += len(rejected)
+            await asyncio.gather(*futs)
+        if affected:
+            self.sync_from_table()
+            proc.risk_set()
+            await self.emit(proc.remargin_underlyings(sorted(affected), trigger="PARAMS"))
+
+    async def market_tick(self) -> None:
+        self.sync_from_table()
+        self.metrics["market_ticks"] += 1
+        await self.emit(self.processor.on_market_tick())
+
+
+def _partitions(s: Settings, topics) -> dict[str, list[int]]:
+    """Partition numbers of ``topics`` (they are created by ``riskpipe init`` / the worker)."""
+    from confluent_kafka.admin import AdminClient
+    md = AdminClient(s.kafka_conf()).list_topics(timeout=30)
+    out = {}
+    for t in topics:
+        tm = md.topics.get(t)
+        if tm is None or tm.error is not None or not tm.partitions:
+            raise RuntimeError(f"topic {t} does not exist; run `riskpipe init`")
+        out[t] = sorted(tm.partitions)
+    return out
+
+
+def dead_letter(r: Rejected, m=None) -> dict:
+    key = getattr(m, "key", None)
+    value = getattr(m, "value", None)
+    return {"topic": r.topic, "partition": r.partition, "offset": r.offset,
+            "key": bytes(key) if key is not None else None,
+            "value": bytes(value) if value is not None else None,
+            "error_type": r.error_type, "reason": r.reason[:4000],
+            "ts": datetime.now(timezone.utc)}
+
+
+def _aiokafka_security(s: Settings) -> dict:
+    kw = {"security_protocol": s.kafka_security_protocol}
+    if s.kafka_sasl_mechanism:
+        kw.update(sasl_mechanism=s.kafka_sasl_mechanism,
+                  sasl_plain_username=s.kafka_sasl_username,
+                  sasl_plain_password=s.kafka_sasl_password.get_secret_value()
+                  if s.kafka_sasl_password else None)
+    if s.kafka_security_protocol in ("SSL", "SASL_SSL"):
+        import ssl
+        kw["ssl_context"] = ssl.create_default_context(cafile=s.kafka_ssl_cafile)
+    return kw
+
+
+def _faust_credentials(s: Settings):
+    import ssl
+    ctx = ssl.create_default_context(cafile=s.kafka_ssl_cafile) \
+        if s.kafka_security_protocol.endswith("SSL") else None
+    if s.kafka_sasl_mechanism:
+        return faust.SASLCredentials(
+            username=s.kafka_sasl_username,
+            password=s.kafka_sasl_password.get_secret_value() if s.kafka_sasl_password else None,
+            mechanism=s.kafka_sasl_mechanism, ssl_context=ctx)
+    return faust.SSLCredentials(ctx)
+
+
+def create_app(settings: Settings, sink=None) -> Pipeline:
+    """Build a worker: ``create_app(settings).app`` is the Faust app."""
+    return Pipeline(settings, sink)

@@ -1,0 +1,103 @@
+"""One settings object for every entry point (environment variables prefixed ``RISKPIPE_``).
+
+Read once at the entry point and passed down; nothing reads the environment at import time.
+Unknown ``RISKPIPE_*`` variables are rejected at start-up so a typo never silently falls back to
+a default.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="RISKPIPE_", extra="forbid")
+
+    # Kafka
+    kafka_bootstrap: str = Field("127.0.0.1:9092", description="bootstrap servers")
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = \
+        "PLAINTEXT"
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_ssl_cafile: str | None = None
+    topic_prefix: str = Field("riskpipe.", description="prefix of every topic name")
+    partitions: int = Field(4, ge=1, description="partitions of account-keyed topics")
+    replication_factor: int = Field(1, ge=1)
+    retention_ms: int = Field(7 * 24 * 3600 * 1000, description="retention of event topics")
+    schema_registry_url: str | None = Field(None, description="use Confluent wire format")
+
+    # Worker
+    app_id: str = Field("riskpipe", description="consumer group / Faust app id")
+    data_dir: Path = Field(REPO / ".riskpipe", description="local state, logs, embedded DB")
+    store: str = Field("memory://", description="Faust table store: memory:// or rocksdb://")
+    web_port: int = Field(6066, description="worker web port (metrics, SQL endpoint)")
+    web_host: str = "127.0.0.1"
+    batch_max: int = Field(2000, ge=1, description="max events per micro-batch")
+    batch_within_s: float = Field(0.05, gt=0, description="max wait to fill a micro-batch")
+    coalesce_ms: int = Field(100, ge=0, description="max staleness of coalesced quotes")
+    snapshot_interval_ms: int = Field(1000, ge=0, description="min ms between risk snapshots "
+                                      "of one account")
+
+    # Margin states (global; per-underlying parameters come from the risk-params topic)
+    warning_level: float = 1.2
+    hysteresis: float = 0.05
+    liquidation_buffer: float = 0.10
+
+    # ClickHouse
+    clickhouse_dsn: str = Field("", description="chdb:///path (embedded) or http(s)://user:pw@"
+                                "host:8123/db; default: chdb under data_dir")
+    sink_batch_rows: int = Field(1000, ge=1)
+    sink_batch_ms: int = Field(1000, ge=1)
+    snapshot_ttl_days: int = Field(90, ge=1)
+    scenario_pnl: bool = Field(False, description="store per-scenario P&L per account")
+
+    @model_validator(mode="after")
+    def _defaults(self):
+        if not self.clickhouse_dsn:
+            self.clickhouse_dsn = f"chdb://{(self.data_dir / 'clickhouse').resolve()}"
+        if self.kafka_security_protocol.startswith("SASL") and not self.kafka_sasl_mechanism:
+            raise ValueError("RISKPIPE_KAFKA_SASL_MECHANISM is required with SASL protocols")
+        return self
+
+    def topic(self, name: str) -> str:
+        return f"{self.topic_prefix}{name}"
+
+    def kafka_conf(self) -> dict:
+        """confluent-kafka (librdkafka) connection settings."""
+        conf = {"bootstrap.servers": self.kafka_bootstrap,
+                "security.protocol": self.kafka_security_protocol}
+        if self.kafka_sasl_mechanism:
+            conf["sasl.mechanism"] = self.kafka_sasl_mechanism
+            conf["sasl.username"] = self.kafka_sasl_username or ""
+            conf["sasl.password"] = (self.kafka_sasl_password.get_secret_value()
+                                     if self.kafka_sasl_password else "")
+        if self.kafka_ssl_cafile:
+            conf["ssl.ca.location"] = self.kafka_ssl_cafile
+        return conf
+
+    @property
+    def clickhouse_dsn_redacted(self) -> str:
+        """The DSN without its password, for logs."""
+        parts = urlsplit(self.clickhouse_dsn)
+        if parts.password:
+            netloc = f"{parts.username}:***@{parts.hostname}" + \
+                (f":{parts.port}" if parts.port else "")
+            return urlunsplit(parts._replace(netloc=netloc))
+        return self.clickhouse_dsn
+
+
+def load_settings(**overrides) -> Settings:
+    unknown = [k for k in os.environ if k.startswith("RISKPIPE_")
+               and k[len("RISKPIPE_"):].lower() not in Settings.model_fields
+               and k not in ("RISKPIPE_DEBUG",)]
+    if unknown:
+        raise ValueError(f"unknown setting(s) {unknown}; see README 'Configuration'")
+    return Settings(**overrides)
