@@ -204,7 +204,8 @@ class AccountBook:
         valid = np.arange(self.cap)[None, :] < self.count[:n, None]
         return np.flatnonzero(((und[slots] == u) & valid).any(axis=1)).astype(np.int64)
 
-    def margin(self, rs: RiskSet, rows=None, parallel: bool | None = None) -> MarginResult:
+    def margin(self, rs: RiskSet, rows=None, parallel: bool | None = None,
+               scenario_pnl: bool = False) -> MarginResult:
         if rows is None:
             rows = np.arange(len(self.ids), dtype=np.int64)
         if rs.value.shape[0] < len(self.universe):
@@ -215,9 +216,9 @@ class AccountBook:
             end = start[rows] + self.count[rows]
             return run_margin(np.zeros(1, dtype=np.int64), start[rows],
                               end, self.inst, self.qty, self.cost, self.universe.arrays, rs,
-                              parallel=False, out_rows=rows)
+                              parallel=False, out_rows=rows, scenario_pnl=scenario_pnl)
         return run_margin(rows, start, start + self.count, self.inst, self.qty, self.cost,
-                          self.universe.arrays, rs, parallel=parallel)
+                          self.universe.arrays, rs, parallel=parallel, scenario_pnl=scenario_pnl)
 
     def margin_account(self, account: str, rs: RiskSet) -> MarginResult:
         return self.margin(rs, np.array([self.row(account)], dtype=np.int64), parallel=False)

@@ -62,7 +62,7 @@ def pack_instruments(rs: RiskSet, universe_arrays) -> np.ndarray:
 @nb.njit(cache=True, fastmath={"contract", "nsz", "arcp"})
 def _margin_chunk(lo_r, hi_r, rows, start, end, p_inst, p_qty, p_cost, tab, spot_row, index,
                   weight, som_rate, conc_rate, conc_liq, basis_rate, mm_ratio, joint,
-                  o_equity, o_im, o_mm, o_wu, o_ws, o_wv, o_greeks):
+                  o_equity, o_im, o_mm, o_wu, o_ws, o_wv, o_greeks, o_pnl):
     """Margin accounts ``rows[lo_r:hi_r]`` (positions ``start[a]:end[a]``) serially.
 
     The per-account body is written out inside the loop on purpose: a numba call per account
@@ -70,8 +70,10 @@ def _margin_chunk(lo_r, hi_r, rows, start, end, p_inst, p_qty, p_cost, tab, spot
     counted), so the unit of work is a chunk of accounts with scratch allocated once.
     ``tab`` is the packed instrument table (see :func:`pack_instruments`): one row per
     instrument holding its risk array and every per-instrument scalar, so a position touches
-    one contiguous run of memory instead of a dozen arrays.
+    one contiguous run of memory instead of a dozen arrays. If ``o_pnl`` has one row per
+    account it receives the unweighted scenario P&L (n, n_und, n_scen) for stress reports.
     """
+    keep_pnl = o_pnl.shape[0] == rows.shape[0] and o_pnl.shape[1] == weight.shape[0]
     n_und, n_scen = weight.shape
     S = n_scen
     pnl = np.zeros(n_und * n_scen)  # flat: lets the scenario loops vectorise
@@ -190,6 +192,10 @@ def _margin_chunk(lo_r, hi_r, rows, start, end, p_inst, p_qty, p_cost, tab, spot
                     worst_u = u
                     worst_s = ws
                     worst_v = w
+        if keep_pnl:
+            for u in range(n_und):
+                for s in range(n_scen):
+                    o_pnl[r, u, s] = pnl[u * n_scen + s]
         o_equity[r] = equity
         o_im[r] = im
         o_mm[r] = mm
@@ -201,23 +207,23 @@ def _margin_chunk(lo_r, hi_r, rows, start, end, p_inst, p_qty, p_cost, tab, spot
 @nb.njit(cache=True, parallel=True)
 def margin_rows(rows, start, end, p_inst, p_qty, p_cost, tab, spot_row, index, weight,
                 som_rate, conc_rate, conc_liq, basis_rate, mm_ratio, joint, n_chunks,
-                o_equity, o_im, o_mm, o_wu, o_ws, o_wv, o_greeks):
+                o_equity, o_im, o_mm, o_wu, o_ws, o_wv, o_greeks, o_pnl):
     """Margin accounts ``rows`` in ``n_chunks`` parallel chunks; outputs aligned with rows."""
     n = rows.shape[0]
     for ch in nb.prange(n_chunks):
         _margin_chunk(ch * n // n_chunks, (ch + 1) * n // n_chunks, rows, start, end, p_inst,
                       p_qty, p_cost, tab, spot_row, index, weight, som_rate, conc_rate,
                       conc_liq, basis_rate, mm_ratio, joint, o_equity, o_im, o_mm, o_wu, o_ws,
-                      o_wv, o_greeks)
+                      o_wv, o_greeks, o_pnl)
 
 
 def margin_rows_serial(rows, start, end, p_inst, p_qty, p_cost, tab, spot_row, index, weight,
                        som_rate, conc_rate, conc_liq, basis_rate, mm_ratio, joint, n_chunks,
-                       o_equity, o_im, o_mm, o_wu, o_ws, o_wv, o_greeks):
+                       o_equity, o_im, o_mm, o_wu, o_ws, o_wv, o_greeks, o_pnl):
     """The same chunk routine on the calling thread (one trade: no thread start-up cost)."""
     _margin_chunk(0, rows.shape[0], rows, start, end, p_inst, p_qty, p_cost, tab, spot_row,
                   index, weight, som_rate, conc_rate, conc_liq, basis_rate, mm_ratio, joint,
-                  o_equity, o_im, o_mm, o_wu, o_ws, o_wv, o_greeks)
+                  o_equity, o_im, o_mm, o_wu, o_ws, o_wv, o_greeks, o_pnl)
 
 
 @dataclass(frozen=True, eq=False)
@@ -237,6 +243,7 @@ class MarginResult:
     worst_scenario: np.ndarray
     worst_pnl: np.ndarray
     greeks: np.ndarray
+    scenario_pnl: np.ndarray | None = None  # (n, n_und, n_scen) when requested
 
     @property
     def shortfall(self) -> np.ndarray:
@@ -253,7 +260,8 @@ class MarginResult:
 
 
 def run_margin(rows, start, end, p_inst, p_qty, p_cost, universe_arrays, rs: RiskSet,
-               parallel: bool | None = None, out_rows=None) -> MarginResult:
+               parallel: bool | None = None, out_rows=None,
+               scenario_pnl: bool = False) -> MarginResult:
     """Margin accounts ``rows`` of a CSR book against a RiskSet. ``out_rows`` (default
     ``rows``) is what the result reports as its rows."""
     rows = np.ascontiguousarray(rows, dtype=np.int64)
@@ -268,11 +276,13 @@ def run_margin(rows, start, end, p_inst, p_qty, p_cost, universe_arrays, rs: Ris
     fn = margin_rows if parallel else margin_rows_serial
     n_chunks = max(1, min(n, nb.get_num_threads() * 8))
     tab = rs.packed(ua)
+    o_pnl = np.zeros((n, weight.shape[0], weight.shape[1]) if scenario_pnl else (0, 0, 0))
     fn(rows, start, end, p_inst, p_qty, p_cost, tab, ua.spot_row, _pad(rs.index, n_und),
        weight, _pad(rs.short_option_min, n_und), _pad(rs.concentration_rate, n_und),
        _pad(rs.concentration_liquidity, n_und, 1.0), _pad(rs.basis_rate, n_und),
-       _pad(rs.mm_ratio, n_und, 1.0), rs.joint, n_chunks, *out)
-    return MarginResult(rows if out_rows is None else np.asarray(out_rows), *out)
+       _pad(rs.mm_ratio, n_und, 1.0), rs.joint, n_chunks, *out, o_pnl)
+    return MarginResult(rows if out_rows is None else np.asarray(out_rows), *out,
+                        o_pnl if scenario_pnl else None)
 
 
 def _pad(a, n_und, fill=0.0):

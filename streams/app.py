@@ -48,6 +48,11 @@ class Pipeline:
                               settings.liquidation_buffer),
             snapshot_interval_ms=settings.snapshot_interval_ms)
         self.sink = sink
+        if sink is not None:
+            sink.on_rejected = self._sink_rejected
+        self.worker_id = f"{settings.app_id}@{__import__('socket').gethostname()}:" \
+                         f"{__import__('os').getpid()}"
+        self._last_stress = 0.0
         self.metrics = {"events_in": 0, "margin_events": 0, "dead_letters": 0, "batches": 0,
                         "market_ticks": 0}
         self.needs_sync = True
@@ -98,6 +103,47 @@ class Pipeline:
                 # without market data the worker would margin on stale prices: stop loudly
                 log.exception("broadcast reader failed; stopping the worker")
                 await app.crash(exc)
+
+        self.snapshot_topic = app.topic(s.topic("risk-snapshots"), partitions=s.partitions,
+                                        **raw)
+
+        @app.timer(5.0)
+        async def stress():
+            if self.sink is not None and self.ref_ready.is_set():
+                self.sync_from_table()
+                await self.emit(Output(stress=self.processor.stress(self.worker_id)))
+
+        if self.sink is not None:
+            @app.agent(self.snapshot_topic, concurrency=1, name="sink-snapshots")
+            async def sink_snapshots(stream):
+                async for batch in stream.take_events(s.sink_batch_rows,
+                                                      within=s.sink_batch_ms / 1000.0):
+                    await self.sink_snapshot_batch(batch)
+
+            @app.agent(self.margin_topic, concurrency=1, name="sink-events")
+            async def sink_events(stream):
+                async for batch in stream.take_events(s.sink_batch_rows,
+                                                      within=s.sink_batch_ms / 1000.0):
+                    await self.sink_event_batch(batch)
+
+        if s.web_port > 0:
+            @app.page("/sql")
+            async def sql(web, request):
+                """Read-only SQL on the worker's store, for analysts while the worker runs
+                (the embedded engine allows one process per data path). Loopback only."""
+                q = request.query.get("q", "")
+                if not q.lstrip().lower().startswith(("select", "with", "show", "describe")):
+                    return web.json({"error": "only SELECT/WITH/SHOW/DESCRIBE"}, status=400)
+                try:
+                    r = await self.sink.run_query(q)
+                except Exception as e:  # noqa: BLE001 - reported to the caller
+                    return web.json({"error": str(e).splitlines()[0]}, status=400)
+                return web.json({"columns": list(r.column_names),
+                                 "rows": [[_jsonable(v) for v in row] for row in r.result_rows]})
+
+            @app.page("/metrics")
+            async def metrics(web, request):
+                return web.text(self.prometheus(), content_type="text/plain")
 
         app.on_partitions_assigned.connect(self._on_assign)
         app.on_partitions_revoked.connect(self._on_revoke)
@@ -206,13 +252,87 @@ class Pipeline:
                 value=self.codec.encode("DeadLetter", dead_letter(r, m))))
             log.warning("dead letter %s[%d]@%d: %s: %s", r.topic, r.partition, r.offset,
                         r.error_type, r.reason)
+        if self.sink is not None and (out.snapshots or out.exposures or out.stress):
+            futs += await self._send_snapshots(out)
         self.persist(out.touched)
         self.metrics["margin_events"] += len(out.events)
         self.metrics["dead_letters"] += len(out.rejected)
         if futs:
             await asyncio.gather(*futs)
-        if self.sink is not None and (out.snapshots or out.events):
-            await self.sink.submit(out)
+
+    async def _send_snapshots(self, out: Output) -> list:
+        """Risk snapshots travel through the internal ``risk-snapshots`` topic to the sink
+        agents, so ClickHouse inserts are driven (and deduplicated) by Kafka offsets."""
+        import json as _json
+        futs = []
+        by_acct: dict[str, dict] = {}
+        for r in out.snapshots:
+            by_acct.setdefault(r["account"], {}).setdefault("risk_snapshots", []).append(
+                {**r, "ts": _ms_of(r["ts"])})
+        for r in out.exposures:
+            by_acct.setdefault(r["account"], {}).setdefault("exposures", []).append(
+                {**r, "ts": _ms_of(r["ts"])})
+        for acct, msg in by_acct.items():
+            futs.append(await self.snapshot_topic.send(key=acct.encode(),
+                                                       value=_json.dumps(msg).encode()))
+        if out.stress:
+            rows = [[_ms_of(r[0]), *r[1:]] for r in out.stress]
+            futs.append(await self.snapshot_topic.send(
+                key=self.worker_id.encode(), value=_json.dumps({"stress": rows}).encode()))
+        return futs
+
+    async def sink_snapshot_batch(self, batch) -> None:
+        import json as _json
+        from .store import snapshot_rows
+        tables: dict[str, list] = {}
+        first = batch[0].message
+        for ev in batch:
+            for t, rows in snapshot_rows(_json.loads(ev.value)).items():
+                tables.setdefault(t, []).extend(rows)
+        src = _source(batch)
+        for t, rows in tables.items():
+            await self.sink.write(t, rows, src)
+        del first
+
+    async def sink_event_batch(self, batch) -> None:
+        from .store import event_row
+        rows = []
+        for ev in batch:
+            try:
+                rows.append(event_row(self.codec.decode(ev.value, expect="MarginEvent")[1]))
+            except SchemaError as e:
+                log.error("undecodable margin event %s[%d]@%d: %s", ev.message.topic,
+                          ev.message.partition, ev.message.offset, e)
+        await self.sink.write("margin_events", rows, _source(batch))
+
+    async def _sink_rejected(self, table, row, error) -> None:
+        import json as _json
+        value = _json.dumps([_jsonable(v) for v in row]).encode()
+        r = Rejected(f"clickhouse:{table}", -1, -1, "SinkRejected", error)
+        fut = await self.dlq_topic.send(key=r.topic.encode(), value=self.codec.encode(
+            "DeadLetter", {**dead_letter(r), "value": value, "partition": 0, "offset": -1}))
+        await fut
+        self.metrics["dead_letters"] += 1
+
+    def prometheus(self) -> str:
+        """Prometheus text exposition of the worker's counters and gauges."""
+        lines = []
+        for k, v in self.metrics.items():
+            lines += [f"# TYPE riskpipe_{k}_total counter", f"riskpipe_{k}_total {v}"]
+        states = {}
+        for st in self.processor.state.values():
+            states[st] = states.get(st, 0) + 1
+        lines.append("# TYPE riskpipe_accounts gauge")
+        from .processor import STATE_NAMES
+        for i, name in enumerate(STATE_NAMES):
+            lines.append(f'riskpipe_accounts{{state="{name}"}} {states.get(i, 0)}')
+        if self.sink is not None:
+            lines.append("# TYPE riskpipe_sink_rows_total counter")
+            for t, n in self.sink.inserted.items():
+                lines.append(f'riskpipe_sink_rows_total{{table="{t}"}} {n}')
+            lines.append(f"riskpipe_sink_pending_rows {self.sink.pending}")
+            lines.append(f"riskpipe_sink_retries_total {self.sink.retries}")
+        return "\n".join(lines) + "\n"
 
     # -- broadcast reader -----------------------------------------------------------------------
     async def run_broadcast(self) -> None:
@@ -327,6 +447,28 @@ def _partitions(s: Settings, topics) -> dict[str, list[int]]:
             raise RuntimeError(f"topic {t} does not exist; run `riskpipe init`")
         out[t] = sorted(tm.partitions)
     return out
+
+
+def _ms_of(ts) -> int:
+    return int(ts.timestamp() * 1000) if isinstance(ts, datetime) else int(ts)
+
+
+def _source(batch) -> str:
+    """topic/partition/offset ranges of a batch: the sink's deduplication identity."""
+    ranges: dict[tuple, list] = {}
+    for ev in batch:
+        m = ev.message
+        r = ranges.setdefault((m.topic, m.partition), [m.offset, m.offset])
+        r[0], r[1] = min(r[0], m.offset), max(r[1], m.offset)
+    return ",".join(f"{t}[{p}]{lo}-{hi}" for (t, p), (lo, hi) in sorted(ranges.items()))
+
+
+def _jsonable(v):
+    if isinstance(v, datetime):
+        return v.isoformat()
+    if isinstance(v, float) and (v != v or v in (float("inf"), float("-inf"))):
+        return None
+    return v
 
 
 def dead_letter(r: Rejected, m=None) -> dict:

@@ -80,6 +80,74 @@ def worker(loglevel: str = typer.Option("info", help="log level")):
     Worker(pipe.app, loglevel=loglevel, redirect_stdouts=False).execute_from_commandline()
 
 
+@app.command()
+def sql(query: str = typer.Argument("", help="SQL, or empty with --named"),
+        named: str = typer.Option("", help="a named query: " + ", ".join(
+            ["latest", "top-shortfalls", "closest-to-liquidation", "history", "exposure",
+             "stress", "states"])),
+        account: str = typer.Option("", help="account for --named history"),
+        limit: int = typer.Option(20, help="row limit of named queries"),
+        fmt: str = typer.Option("table", "--format", help="table, csv or json"),
+        worker: str = typer.Option("", help="query a running worker's read-only SQL endpoint, "
+                                   "e.g. http://127.0.0.1:6066")):
+    """Query the results store (ClickHouse) with SQL or a named query."""
+    from .store import NAMED_QUERIES, DB, open_store
+    if fmt not in ("table", "csv", "json"):
+        raise UserError("--format must be table, csv or json")
+    if not query and not named:
+        lines = [f"  {k:24} {v[0]}" for k, v in NAMED_QUERIES.items()]
+        raise UserError("give a SQL query or --named NAME; named queries:\n" + "\n".join(lines))
+    if named and named not in NAMED_QUERIES:
+        raise UserError(f"unknown named query {named!r}; known: {', '.join(NAMED_QUERIES)}")
+    if worker:
+        import urllib.parse
+        import urllib.request
+        if named:
+            query = NAMED_QUERIES[named][1].replace("{db}", DB).replace("{limit}", str(limit))
+            query = query.replace("{account:String}", "'" + account.replace("'", "''") + "'")
+        try:
+            with urllib.request.urlopen(f"{worker.rstrip('/')}/sql/?q=" +
+                                        urllib.parse.quote(query), timeout=30) as r:
+                data = json.loads(r.read())
+        except Exception as e:  # noqa: BLE001
+            raise UserError(f"worker endpoint {worker}: {e}") from None
+        columns, rows = data["columns"], data["rows"]
+    else:
+        s = _settings()
+        try:
+            with open_store(s) as st:
+                st.migrate()
+                res = st.named(named, limit, account) if named else st.query(query)
+                columns, rows = list(res.column_names), [list(r) for r in res.result_rows]
+        except Exception as e:  # noqa: BLE001
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            if "lock" in msg.lower() or "already" in msg.lower():
+                msg += " (a worker holds the embedded store: use --worker URL)"
+            raise UserError(f"query failed on {s.clickhouse_dsn_redacted}: {msg}") from None
+    _print_rows(columns, rows, fmt)
+
+
+def _print_rows(columns, rows, fmt):
+    from datetime import datetime
+    def cell(v):
+        return v.isoformat() if isinstance(v, datetime) else v
+    if fmt == "json":
+        typer.echo(json.dumps([dict(zip(columns, map(cell, r))) for r in rows], indent=1,
+                              default=str))
+    elif fmt == "csv":
+        import csv
+        w = csv.writer(sys.stdout)
+        w.writerow(columns)
+        w.writerows([[cell(v) for v in r] for r in rows])
+    else:
+        from rich.console import Console
+        from rich.table import Table
+        t = Table(*columns)
+        for r in rows:
+            t.add_row(*[f"{v:,.2f}" if isinstance(v, float) else str(cell(v)) for v in r])
+        Console().print(t)
+
+
 def main() -> None:
     try:
         app()

@@ -58,6 +58,7 @@ class Output:
     snapshots: list[dict] = field(default_factory=list)   # risk snapshot rows
     exposures: list[dict] = field(default_factory=list)   # per account x underlying rows
     rejected: list[Rejected] = field(default_factory=list)
+    stress: list[list] = field(default_factory=list)      # exchange stress rows
     touched: set[str] = field(default_factory=set)        # accounts whose stored state changed
 
     def extend(self, other: "Output") -> None:
@@ -65,6 +66,7 @@ class Output:
         self.snapshots += other.snapshots
         self.exposures += other.exposures
         self.rejected += other.rejected
+        self.stress += other.stress
         self.touched |= other.touched
 
 
@@ -247,6 +249,33 @@ class RiskProcessor:
             return Output()
         self.risk_set()
         return self.remargin_underlyings(sorted(dirty))
+
+    def stress(self, worker: str) -> list[list]:
+        """Exchange-wide stress of this worker's accounts: for each underlying and scenario, how
+        many accounts end with negative equity and the uncovered loss (unweighted P&L)."""
+        n = len(self.book)
+        if n == 0:
+            return []
+        rows = np.flatnonzero(self.book.count[:n] > 0).astype(np.int64)
+        if rows.size == 0:
+            return []
+        rs = self.risk_set()
+        res = self.book.margin(rs, rows, scenario_pnl=True)
+        after = res.equity[:, None, None] + res.scenario_pnl
+        neg = after < 0
+        count = neg.sum(axis=0)
+        loss = np.where(neg, -after, 0.0).sum(axis=0)
+        ts = _dt(self.market_time_ms())
+        out = []
+        for u, name in enumerate(self.universe.underlyings):
+            holders = self.book.rows_holding(name)
+            if holders.size == 0:
+                continue
+            for s in range(rs.weight.shape[1]):
+                out.append([ts, worker, name, s, float(rs.moves[u, s]), int(rs.vol_sign[u, s]),
+                            float(rs.weight[u, s]), int(holders.size), int(count[u, s]),
+                            float(loss[u, s])])
+        return out
 
     def _remargin(self, rows, triggers, sources, ts_ms) -> Output:
         out = Output()

@@ -97,7 +97,7 @@ class Settings(BaseSettings):
 def load_settings(**overrides) -> Settings:
     unknown = [k for k in os.environ if k.startswith("RISKPIPE_")
                and k[len("RISKPIPE_"):].lower() not in Settings.model_fields
-               and k not in ("RISKPIPE_DEBUG",)]
+               and k != "RISKPIPE_DEBUG" and not k.startswith("RISKPIPE_TEST_")]
     if unknown:
         raise ValueError(f"unknown setting(s) {unknown}; see README 'Configuration'")
     return Settings(**overrides)

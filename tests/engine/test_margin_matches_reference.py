@@ -64,3 +64,16 @@ def test_market_move_remargins_only_holders():
     book.apply_collateral("cash", "USD", 5)
     assert book.rows_holding("BTC").tolist() == [0]
     assert book.rows_holding("ETH").tolist() == [1]
+
+
+def test_scenario_pnl_output_matches_worst_scenario():
+    book = E.AccountBook(UNI)
+    book.apply_collateral("s", "USD", 10_000)
+    book.apply_trade("s", "BTC-60000-C", -2, 1_000.0)
+    book.apply_trade("s", "ETH-PERP", 3, 3_000.0)
+    r = book.margin(RS, scenario_pnl=True)
+    u, s = r.worst_underlying[0], r.worst_scenario[0]
+    assert r.scenario_pnl.shape == (1, RS.weight.shape[0], RS.weight.shape[1])
+    assert r.scenario_pnl[0, u, s] * RS.weight[u, s] == r.worst_pnl[0]
+    plain = book.margin(RS)
+    assert plain.scenario_pnl is None and plain.im[0] == r.im[0]

@@ -97,6 +97,21 @@ def test_flash_crash_story(settings):
         for f in ("equity", "im", "mm", "margin_ratio", "shortfall", "worst_pnl"):
             assert a[f] == b[f], (a["event_id"], f, a[f], b[f])
         assert a["liquidation_plan"] == b["liquidation_plan"]
+    # the analysts' store got the same events once, and the latest state
+    from streams.settings import Settings
+    from streams.store import open_store
+    dsn = w.env["RISKPIPE_CLICKHOUSE_DSN"]
+    with open_store(Settings(clickhouse_dsn=dsn)) as st:
+        hist = st.named("history", account="alice").result_rows
+        assert [(r[0], r[2], r[3]) for r in hist] == [(e["event_id"], e["prev_state"],
+                                                       e["state"]) for e in got]
+        assert [r[5] for r in hist] == [e["equity"] for e in got]
+        latest = st.named("latest").result_rows
+        assert [(r[0], r[1]) for r in latest] == [("alice", "HEALTHY")]
+        assert latest[0][2] == got[3]["equity"]
+        expo = dict((r[0], r[1]) for r in st.named("exposure").result_rows)
+        assert expo["BTC"] == pytest.approx(got[3]["greeks"][0]["delta"])
+
     # and the numbers make sense: liquidation means equity below MM
     assert liq["equity"] < liq["mm"] < liq["im"]
     assert got[3]["equity"] >= 1.2 * got[3]["im"] * 1.05

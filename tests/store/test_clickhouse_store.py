@@ -1,0 +1,73 @@
+"""The results store on the embedded ClickHouse engine (chDB through clickhouse-connect)."""
+import asyncio
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from streams.settings import Settings
+from streams.store import ClickHouseSink, Store, open_store
+
+# recent timestamps: rows older than the TTL (90 days by default) are dropped on insert
+TS = datetime.now(timezone.utc).replace(microsecond=0) - timedelta(days=1)
+TS2 = TS + timedelta(hours=1)
+
+
+@pytest.fixture
+def store_settings(tmp_path):
+    return Settings(clickhouse_dsn=f"chdb://{tmp_path / 'ch'}")
+
+
+def test_migrations_twice_are_a_noop(store_settings):
+    with open_store(store_settings) as st:
+        first = st.migrate()
+        assert [m.split(":")[0] for m in first] == ["1", "2"]
+        assert st.migrate() == []
+        tables = {r[0] for r in st.query("SHOW TABLES FROM riskpipe").result_rows}
+        assert {"risk_snapshots", "margin_events", "account_latest", "exposures", "stress",
+                "exchange_stress", "schema_migrations"} <= tables
+        assert st.query("SELECT count() FROM riskpipe.schema_migrations").result_rows == [(2,)]
+
+
+def _snap(acct, equity, im, ts=TS, seq=0, state="HEALTHY"):
+    return [acct, ts, state, equity, im, im * 0.75, im * 0.75 / equity, max(im - equity, 0),
+            "BTC", 3, -im, "TRADE", 1, seq]
+
+
+def test_retried_batch_is_stored_once_and_latest_uses_final(store_settings):
+    st = Store(store_settings)
+    st.migrate()
+    sink = ClickHouseSink(store_settings, store=st)
+    rows = [_snap("a", 100.0, 50.0), _snap("b", 100.0, 150.0, state="MARGIN_CALL")]
+
+    async def go():
+        await sink.write("risk_snapshots", rows, "snap[0]0-1")
+        await sink.write("risk_snapshots", rows, "snap[0]0-1")  # retry: same token
+        await sink.write("risk_snapshots", [_snap("a", 40.0, 50.0, ts=TS2, seq=1, state="MARGIN_CALL")], "snap[0]2-2")
+    asyncio.run(go())
+    assert st.query("SELECT count() FROM riskpipe.risk_snapshots").result_rows == [(3,)]
+    latest = dict((r[0], (r[1], r[2])) for r in st.named("latest").result_rows)
+    assert latest == {"a": ("MARGIN_CALL", 40.0), "b": ("MARGIN_CALL", 100.0)}
+    short = st.named("top-shortfalls").result_rows
+    assert [(r[0], r[2]) for r in short] == [("b", 50.0), ("a", 10.0)]
+    states = dict(st.named("states").result_rows)
+    assert states == {"MARGIN_CALL": 2}
+    st.close()
+
+
+def test_stress_view_sums_workers(store_settings):
+    st = Store(store_settings)
+    st.migrate()
+    sink = ClickHouseSink(store_settings, store=st)
+    rows = [[TS, "w1", "BTC", 0, -0.3, 0, 1.0, 10, 2, 1500.0],
+            [TS, "w2", "BTC", 0, -0.3, 0, 1.0, 5, 1, 500.0],
+            [TS, "w1", "BTC", 1, 0.3, 0, 1.0, 10, 0, 0.0]]
+    asyncio.run(sink.write("stress", rows, "x"))
+    got = st.named("stress").result_rows
+    assert got[0][:2] == ("BTC", 0) and got[0][4:] == (15, 3, 2000.0)
+    st.close()
+
+
+def test_dsn_password_is_redacted():
+    s = Settings(clickhouse_dsn="https://ops:s3cret@ch.example:8443/risk")
+    assert "s3cret" not in s.clickhouse_dsn_redacted and "ops:***@" in s.clickhouse_dsn_redacted
+    assert Store.__init__  # the http path uses the same Store class (no server here)
