@@ -148,6 +148,78 @@ def _print_rows(columns, rows, fmt):
         Console().print(t)
 
 
+@app.command()
+def demo(accounts: int = typer.Option(2000, help="simulated accounts"),
+         duration: float = typer.Option(120.0, help="seconds of simulated market"),
+         seed: int = typer.Option(7, help="random seed (the run is deterministic for a seed)"),
+         scenario: str = typer.Option("flash-crash", help="calm, flash-crash or vol-spike"),
+         port: int = typer.Option(9092, help="local Kafka port")):
+    """Run the whole pipeline through a simulated market scenario with a live view."""
+    from .demo import run_demo
+    raise typer.Exit(run_demo(accounts, duration, seed, scenario, port))
+
+
+@app.command()
+def simulate(accounts: int = typer.Option(2000), duration: float = typer.Option(120.0),
+             seed: int = typer.Option(7), scenario: str = typer.Option("flash-crash"),
+             trade_rate: float = typer.Option(200.0, help="random trades per second")):
+    """Publish a simulated exchange (instruments, accounts, market) to the configured Kafka."""
+    from .publish import Publisher
+    from .simulator import SCENARIOS, Simulator
+    if scenario not in SCENARIOS:
+        raise UserError(f"unknown scenario {scenario!r}; choose from {', '.join(SCENARIOS)}")
+    s = _settings()
+    from .topics import create_topics
+    create_topics(s)
+    sim = Simulator(Publisher(s), accounts, seed, scenario, duration, trade_rate=trade_rate)
+    sim.setup()
+    sim.run()
+    typer.echo(json.dumps(sim.published))
+
+
+@app.command()
+def kafka(action: str = typer.Argument(..., help="up, down, status or reset")):
+    """Start / stop the local single-node Apache Kafka broker (ops/kafka)."""
+    import subprocess
+    from .settings import REPO
+    if action not in ("up", "down", "status", "reset", "fetch"):
+        raise UserError("action must be up, down, status, reset or fetch")
+    raise typer.Exit(subprocess.call([str(REPO / "ops" / "kafka"), action]))
+
+
+@app.command()
+def tail(account: str = typer.Option("", help="only this account"),
+         state: str = typer.Option("", help="only transitions into this state"),
+         from_beginning: bool = typer.Option(False, help="replay the topic from the start")):
+    """Follow margin events live in the terminal."""
+    from confluent_kafka import Consumer
+    from schemas import Codec
+    s = _settings()
+    c = Consumer({**s.kafka_conf(), "group.id": f"riskpipe-tail-{os.getpid()}",
+                  "auto.offset.reset": "earliest" if from_beginning else "latest",
+                  "enable.auto.commit": False})
+    c.subscribe([s.topic("margin-calls")])
+    codec = Codec()
+    try:
+        while True:
+            m = c.poll(0.5)
+            if m is None or m.error():
+                continue
+            _, e = codec.decode(m.value())
+            if (account and e["account"] != account) or (state and e["state"] != state):
+                continue
+            plan = "; ".join(f"{p['instrument']} {p['quantity']:+g}"
+                             for p in e["liquidation_plan"])
+            typer.echo(f"{e['ts']:%H:%M:%S} {e['event_id']:<20} {e['prev_state']:>11} -> "
+                       f"{e['state']:<11} {e['trigger']:<10} equity {e['equity']:>14,.2f} "
+                       f"MM {e['mm']:>14,.2f} shortfall {e['shortfall']:>12,.2f}"
+                       + (f"  plan: {plan}" if plan else ""))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        c.close()
+
+
 def main() -> None:
     try:
         app()
