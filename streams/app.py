@@ -20,6 +20,7 @@ Design (see README "Architecture"):
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from datetime import datetime, timezone
@@ -58,6 +59,9 @@ class Pipeline:
         self.needs_sync = True
         self.ref_ready = asyncio.Event()
         self._bc_consumer = None
+        # one unit of work at a time (an agent batch, a market tick, a parameter change), so
+        # an account's margin events reach the topic in sequence order
+        self.work_lock = asyncio.Lock()
         self._applied: dict = {}   # broadcast TopicPartition -> next offset to apply
         self.app = self._build()
 
@@ -91,7 +95,8 @@ class Pipeline:
         @app.agent(self.account_topic, concurrency=1, name="accounts")
         async def accounts(stream):
             async for batch in stream.take_events(s.batch_max, within=s.batch_within_s):
-                await self.handle_account_batch(batch)
+                async with self.work_lock:
+                    await self.handle_account_batch(batch)
 
         @app.task
         async def market():
@@ -110,8 +115,9 @@ class Pipeline:
         @app.timer(5.0)
         async def stress():
             if self.sink is not None and self.ref_ready.is_set():
-                self.sync_from_table()
-                await self.emit(Output(stress=self.processor.stress(self.worker_id)))
+                async with self.work_lock:
+                    await self.sync()
+                    await self.emit(Output(stress=self.processor.stress(self.worker_id)))
 
         if self.sink is not None:
             @app.agent(self.snapshot_topic, concurrency=1, name="sink-snapshots")
@@ -164,27 +170,41 @@ class Pipeline:
         return {tp.partition for tp in tps if tp.topic == self.s.topic("trades")}
 
     # -- state sync ---------------------------------------------------------------------------
-    def sync_from_table(self) -> None:
-        """Make the engine's book mirror the table (after a rebalance or recovery)."""
+    def sync_from_table(self) -> list[dict]:
+        """Make the engine's book mirror the table (after a rebalance or recovery). Returns
+        the outbox events of loaded accounts: they may not have reached the topic before the
+        previous owner stopped, so the caller re-sends them (identical content and ids)."""
         if not self.needs_sync:
-            return
+            return []
         self.needs_sync = False
         owned = self.owned_partitions()
         proc = self.processor
-        keep = []
+        keep, resend = [], []
         for key, rec in self.table.data.items():
             acct = key.decode() if isinstance(key, bytes) else key
+            if isinstance(rec, (bytes, str)):
+                rec = json.loads(rec)
             if rec is None or rec.get("p", -1) not in owned:
                 continue
             keep.append(acct)
             if acct not in proc.seq or proc.seq[acct] != rec["seq"] or \
                     proc.offsets.get(acct) != rec["off"]:
                 proc.load_account(acct, rec)
+                resend += proc.outbox.get(acct, [])
         proc.drop_accounts(keep)
-        log.info("synced %d accounts from table for partitions %s", len(keep), sorted(owned))
+        log.info("synced %d accounts from table for partitions %s (%d outbox events to "
+                 "re-send)", len(keep), sorted(owned), len(resend))
+        return resend
 
-    def persist(self, accts) -> None:
+    async def sync(self) -> None:
+        resend = self.sync_from_table()
+        if resend:
+            await self.emit(Output(events=resend), resend_only=True)
+
+    def persist(self, accts) -> list:
+        """Write the accounts' records to the changelog; returns the send futures."""
         proc = self.processor
+        futs = []
         for a in accts:
             rec = proc.account_record(a)
             p = rec["p"]
@@ -192,7 +212,9 @@ class Pipeline:
                 continue
             key = a.encode()
             self.table.data[key] = rec
-            self.table.send_changelog(p, key, rec)
+            futs.append(self.table.send_changelog(p, key, rec, key_serializer="raw",
+                                                  value_serializer="json"))
+        return futs
 
     # -- account events -----------------------------------------------------------------------
     async def catch_up_reference(self, timeout: float = 10.0) -> None:
@@ -212,7 +234,7 @@ class Pipeline:
     async def handle_account_batch(self, batch) -> None:
         if not self.ref_ready.is_set():
             await self.ref_ready.wait()
-        self.sync_from_table()
+        await self.sync()
         decoded = []
         rejected: list[Rejected] = []
         for ev in batch:
@@ -240,7 +262,19 @@ class Pipeline:
         await self.emit(out, {(m.topic, m.partition, m.offset): m for m in
                               (ev.message for ev in batch)})
 
-    async def emit(self, out: Output, messages=None) -> None:
+    async def emit(self, out: Output, messages=None, resend_only: bool = False) -> None:
+        """Send a unit of work's outputs; returns once the broker has acknowledged them all.
+
+        Order matters for exactly-once *content*: the account records (state, sequence,
+        applied offsets and the outbox of new margin events) are made durable first, then the
+        margin events are sent. A crash in between re-sends the outbox after recovery."""
+        proc = self.processor
+        if not resend_only:
+            for evt in out.events:
+                proc.outbox.setdefault(evt["account"], []).append(evt)
+            cl = self.persist(out.touched | {e["account"] for e in out.events})
+            if cl:
+                await asyncio.gather(*cl)
         futs = []
         for evt in out.events:
             futs.append(await self.margin_topic.send(key=evt["account"].encode(),
@@ -254,11 +288,17 @@ class Pipeline:
                         r.error_type, r.reason)
         if self.sink is not None and (out.snapshots or out.exposures or out.stress):
             futs += await self._send_snapshots(out)
-        self.persist(out.touched)
         self.metrics["margin_events"] += len(out.events)
         self.metrics["dead_letters"] += len(out.rejected)
         if futs:
             await asyncio.gather(*futs)
+        sent = {e["event_id"] for e in out.events}
+        for acct in {e["account"] for e in out.events}:  # delivered: drop from the outbox
+            left = [e for e in proc.outbox.get(acct, []) if e["event_id"] not in sent]
+            if left:
+                proc.outbox[acct] = left
+            else:
+                proc.outbox.pop(acct, None)
 
     async def _send_snapshots(self, out: Output) -> list:
         """Risk snapshots travel through the internal ``risk-snapshots`` topic to the sink
@@ -426,14 +466,16 @@ class Pipeline:
             self.metrics["dead_letters"] += len(rejected)
             await asyncio.gather(*futs)
         if affected:
-            self.sync_from_table()
-            proc.risk_set()
-            await self.emit(proc.remargin_underlyings(sorted(affected), trigger="PARAMS"))
+            async with self.work_lock:
+                await self.sync()
+                proc.risk_set()
+                await self.emit(proc.remargin_underlyings(sorted(affected), trigger="PARAMS"))
 
     async def market_tick(self) -> None:
-        self.sync_from_table()
-        self.metrics["market_ticks"] += 1
-        await self.emit(self.processor.on_market_tick())
+        async with self.work_lock:
+            await self.sync()
+            self.metrics["market_ticks"] += 1
+            await self.emit(self.processor.on_market_tick())
 
 
 def _partitions(s: Settings, topics) -> dict[str, list[int]]:

@@ -84,6 +84,9 @@ class RiskProcessor:
         self.seq: dict[str, int] = {}
         self.offsets: dict[str, dict[str, int]] = {}
         self.partition: dict[str, int] = {}
+        # outbox: margin events recorded in the account's stored state before they are sent,
+        # so a crash between the two re-sends them with identical content (never loses one)
+        self.outbox: dict[str, list[dict]] = {}
         self._last_snapshot: dict[str, float] = {}
         self._rs: E.RiskSet | None = None
         self._stale = True
@@ -163,7 +166,8 @@ class RiskProcessor:
         return {"p": self.partition.get(acct, -1),
                 "pos": [[p.instrument, p.quantity, p.cost] for p in self.book.positions(acct)],
                 "st": self.state.get(acct, 0), "seq": self.seq.get(acct, 0),
-                "off": self.offsets.get(acct, {})}
+                "off": self.offsets.get(acct, {}),
+                "out": [event_to_json(e) for e in self.outbox.get(acct, [])]}
 
     def load_account(self, acct: str, rec: dict) -> None:
         for inst, _, _ in rec["pos"]:
@@ -175,6 +179,7 @@ class RiskProcessor:
         self.seq[acct] = rec["seq"]
         self.offsets[acct] = dict(rec["off"])
         self.partition[acct] = rec["p"]
+        self.outbox[acct] = [event_from_json(e) for e in rec.get("out", [])]
         self._stale = True
 
     def drop_accounts(self, keep) -> None:
@@ -184,15 +189,37 @@ class RiskProcessor:
             self.book.row(a)] > 0]
         for a in gone:
             self.book.load(a, [])
-            for d in (self.state, self.seq, self.offsets, self.partition):
+            for d in (self.state, self.seq, self.offsets, self.partition, self.outbox):
                 d.pop(a, None)
 
     # -- account events ---------------------------------------------------------------------
     def apply_account_events(self, events) -> Output:
-        """Apply trades / collateral changes and re-margin the touched accounts once.
+        """Apply trades / collateral changes and re-margin after every event of an account.
 
         ``events``: iterable of (record name, record, topic, partition, offset).
+
+        Events are processed in *rounds*: round k holds the k-th event of every account in the
+        batch, and each round ends with one vectorised margin call over the accounts it
+        touched. An account is therefore evaluated after each of its events, exactly as if
+        events arrived one by one, so the margin events emitted do not depend on how the input
+        happened to be batched (a restart that batches differently emits the same ids with the
+        same content), while accounts are still margined together.
         """
+        out = Output()
+        rounds: list[list] = []
+        seen_in_batch: dict[str, int] = {}
+        for ev in events:
+            acct = ev[1]["account"]
+            k = seen_in_batch.get(acct, 0)
+            seen_in_batch[acct] = k + 1
+            if k == len(rounds):
+                rounds.append([])
+            rounds[k].append(ev)
+        for rnd in rounds:
+            out.extend(self._apply_round(rnd))
+        return out
+
+    def _apply_round(self, events) -> Output:
         out = Output()
         sources: dict[str, list[dict]] = {}
         trig: dict[str, str] = {}
@@ -213,6 +240,7 @@ class RiskProcessor:
             except E.EngineError as e:
                 out.rejected.append(Rejected(topic, partition, offset, type(e).__name__, str(e)))
                 seen[topic] = offset
+                self.partition.setdefault(acct, partition)
                 out.touched.add(acct)
                 continue
             seen[topic] = offset
@@ -343,6 +371,14 @@ class RiskProcessor:
             "plan_restores_mm": restores, "params_version": int(rs.params_version),
             "ts": _dt(ts_ms),
         }
+
+
+def event_to_json(e: dict) -> dict:
+    return {**e, "ts": _ms(e["ts"])}
+
+
+def event_from_json(e: dict) -> dict:
+    return {**e, "ts": _dt(e["ts"])}
 
 
 def _f(x) -> float:
