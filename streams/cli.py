@@ -31,6 +31,20 @@ def bench_kernel(options: int = typer.Option(20_000, help="options for the risk-
     typer.echo(json.dumps(run(options, accounts, positions, repeat), indent=2))
 
 
+@bench_app.command("pipeline")
+def bench_pipeline(events: int = typer.Option(200_000, help="input events for throughput"),
+                   accounts: int = typer.Option(20_000, help="accounts in the workload"),
+                   latency_rate: int = typer.Option(10_000, help="events/s for latency"),
+                   latency_seconds: int = typer.Option(10),
+                   port: int = typer.Option(39092, help="local Kafka port for the run"),
+                   baseline_events: int = typer.Option(30_000, help="events for the naive "
+                                                       "per-event baseline")):
+    """Worker throughput, latency and fan-out through the real broker vs a naive agent."""
+    from .bench_pipeline import run
+    typer.echo(json.dumps(run(events, accounts, latency_rate, latency_seconds, port,
+                              baseline_events), indent=2))
+
+
 def _settings(**overrides):
     from .settings import load_settings
     try:

@@ -52,19 +52,35 @@ class Rejected:
     reason: str
 
 
+SNAPSHOT_COLUMNS = ("account", "ts", "state", "equity", "im", "mm", "margin_ratio", "shortfall",
+                    "worst_underlying", "worst_scenario", "worst_pnl", "trigger",
+                    "params_version", "seq")
+EXPOSURE_COLUMNS = ("account", "underlying", "ts", "delta", "gamma", "vega", "theta")
+
+
+def _extend_cols(dst: dict, src: dict) -> None:
+    for k, v in src.items():
+        dst.setdefault(k, []).extend(v)
+
+
+def n_rows(cols: dict) -> int:
+    return len(cols.get("account", ()))
+
+
 @dataclass
 class Output:
     events: list[dict] = field(default_factory=list)      # MarginEvent records
-    snapshots: list[dict] = field(default_factory=list)   # risk snapshot rows
-    exposures: list[dict] = field(default_factory=list)   # per account x underlying rows
+    # risk snapshot and exposure rows, column-oriented (name -> list), ts in epoch ms
+    snapshots: dict[str, list] = field(default_factory=dict)
+    exposures: dict[str, list] = field(default_factory=dict)
     rejected: list[Rejected] = field(default_factory=list)
     stress: list[list] = field(default_factory=list)      # exchange stress rows
     touched: set[str] = field(default_factory=set)        # accounts whose stored state changed
 
     def extend(self, other: "Output") -> None:
         self.events += other.events
-        self.snapshots += other.snapshots
-        self.exposures += other.exposures
+        _extend_cols(self.snapshots, other.snapshots)
+        _extend_cols(self.exposures, other.exposures)
         self.rejected += other.rejected
         self.stress += other.stress
         self.touched |= other.touched
@@ -87,7 +103,9 @@ class RiskProcessor:
         # outbox: margin events recorded in the account's stored state before they are sent,
         # so a crash between the two re-sends them with identical content (never loses one)
         self.outbox: dict[str, list[dict]] = {}
-        self._last_snapshot: dict[str, float] = {}
+        self._last_snap = np.zeros(0)  # per book row: processing time of the last snapshot
+        self._state_arr = np.zeros(0, dtype=np.int8)  # per book row: mirrors self.state
+        self._seq_arr = np.zeros(0, dtype=np.int64)   # per book row: mirrors self.seq
         self._rs: E.RiskSet | None = None
         self._stale = True
         self.dirty_underlyings: set[str] = set()
@@ -177,6 +195,9 @@ class RiskProcessor:
         self.book.load(acct, [E.Position(i, q, c) for i, q, c in rec["pos"]])
         self.state[acct] = rec["st"]
         self.seq[acct] = rec["seq"]
+        r = self._ensure_rows(self.book.row(acct))
+        self._state_arr[r] = rec["st"]
+        self._seq_arr[r] = rec["seq"]
         self.offsets[acct] = dict(rec["off"])
         self.partition[acct] = rec["p"]
         self.outbox[acct] = [event_from_json(e) for e in rec.get("out", [])]
@@ -189,6 +210,9 @@ class RiskProcessor:
             self.book.row(a)] > 0]
         for a in gone:
             self.book.load(a, [])
+            r = self._ensure_rows(self.book.row(a))
+            self._state_arr[r] = 0
+            self._seq_arr[r] = 0
             for d in (self.state, self.seq, self.offsets, self.partition, self.outbox):
                 d.pop(a, None)
 
@@ -305,13 +329,25 @@ class RiskProcessor:
                             float(loss[u, s])])
         return out
 
+    def _ensure_rows(self, row: int) -> int:
+        n = len(self.book.ids)
+        if self._state_arr.shape[0] < n:
+            size = max(n, 2 * self._state_arr.shape[0], 1024)
+            for name, dt in (("_state_arr", np.int8), ("_seq_arr", np.int64)):
+                old = getattr(self, name)
+                grown = np.zeros(size, dtype=dt)
+                grown[:old.shape[0]] = old
+                setattr(self, name, grown)
+        return row
+
     def _remargin(self, rows, triggers, sources, ts_ms) -> Output:
         out = Output()
         rs = self.risk_set()
         res = self.book.margin(rs, rows)
         ids = self.book.ids
         accts = [ids[r] for r in rows]
-        prev = np.array([self.state.get(a, 0) for a in accts], dtype=np.int8)
+        self._ensure_rows(0)
+        prev = self._state_arr[rows]
         new = E.classify(prev, res.equity, res.im, res.mm, self.thresholds)
         ratio = res.margin_ratio
         short = res.shortfall
@@ -323,30 +359,63 @@ class RiskProcessor:
             seq = self.seq.get(a, 0) + 1
             self.seq[a] = seq
             self.state[a] = int(new[k])
+            self._seq_arr[rows[k]] = seq
+            self._state_arr[rows[k]] = new[k]
             out.touched.add(a)
             out.events.append(self._event(a, seq, int(prev[k]), int(new[k]), res, k, ratio,
                                           short, triggers[k], sources.get(a, []), ts_ms[k], rs))
-        for k, a in enumerate(accts):
-            if now - self._last_snapshot.get(a, -1e18) < self.snapshot_interval_ms and \
-                    new[k] == prev[k]:
-                continue
-            self._last_snapshot[a] = now
-            wu = int(res.worst_underlying[k])
-            out.snapshots.append({
-                "account": a, "ts": _dt(ts_ms[k]), "state": STATE_NAMES[new[k]],
-                "equity": float(res.equity[k]), "im": float(res.im[k]), "mm": float(res.mm[k]),
-                "margin_ratio": float(ratio[k]), "shortfall": float(short[k]),
-                "worst_underlying": unds[wu] if wu >= 0 else "",
-                "worst_scenario": int(res.worst_scenario[k]),
-                "worst_pnl": float(res.worst_pnl[k]), "trigger": triggers[k],
-                "params_version": int(rs.params_version), "seq": self.seq.get(a, 0)})
-            g = res.greeks[k]
-            for u, name in enumerate(unds):
-                if u < g.shape[0] and np.any(g[u] != 0):
-                    out.exposures.append({"account": a, "underlying": name, "ts": _dt(ts_ms[k]),
-                                          "delta": float(g[u, 0]), "gamma": float(g[u, 1]),
-                                          "vega": float(g[u, 2]), "theta": float(g[u, 3])})
+        out.snapshots, out.exposures = self._snapshot_columns(rows, accts, res, new, prev,
+                                                              ratio, short, triggers, ts_ms,
+                                                              rs, now)
         return out
+
+    def _snapshot_columns(self, rows, accts, res, new, prev, ratio, short, triggers, ts_ms, rs,
+                          now):
+        """Risk snapshots of the accounts due one (state changed, or none for
+        ``snapshot_interval_ms``), built column-wise so a market move over 100k accounts
+        stays vectorised."""
+        n_book = len(self.book.ids)
+        if self._last_snap.shape[0] < n_book:
+            grown = np.full(max(n_book, 2 * self._last_snap.shape[0]), -1e18)
+            grown[:self._last_snap.shape[0]] = self._last_snap
+            self._last_snap = grown
+        due = (new != prev) | (now - self._last_snap[rows] >= self.snapshot_interval_ms)
+        idx = np.flatnonzero(due)
+        if idx.size == 0:
+            return {}, {}
+        self._last_snap[rows[idx]] = now
+        unds = self.universe.underlyings
+        names = np.array(unds + [""], dtype=object)
+        wu = res.worst_underlying[idx]
+        acc = [accts[k] for k in idx]
+        ts = np.asarray(ts_ms, dtype=np.int64)[idx].tolist()
+        trig = np.asarray(triggers, dtype=object)[idx].tolist()
+        snaps = {
+            "account": acc, "ts": ts,
+            "state": np.array(STATE_NAMES, dtype=object)[new[idx]].tolist(),
+            "equity": res.equity[idx].tolist(), "im": res.im[idx].tolist(),
+            "mm": res.mm[idx].tolist(), "margin_ratio": ratio[idx].tolist(),
+            "shortfall": short[idx].tolist(),
+            "worst_underlying": names[np.where(wu >= 0, wu, len(unds))].tolist(),
+            "worst_scenario": res.worst_scenario[idx].tolist(),
+            "worst_pnl": res.worst_pnl[idx].tolist(), "trigger": trig,
+            "params_version": [int(rs.params_version)] * idx.size,
+            "seq": self._seq_arr[rows[idx]].tolist(),
+        }
+        expo: dict[str, list] = {c: [] for c in EXPOSURE_COLUMNS}
+        g = res.greeks[idx]
+        for u, name in enumerate(unds):
+            if u >= g.shape[1]:
+                break
+            has = np.flatnonzero(np.any(g[:, u, :] != 0, axis=1))
+            if has.size == 0:
+                continue
+            expo["account"] += [acc[k] for k in has]
+            expo["underlying"] += [name] * has.size
+            expo["ts"] += [ts[k] for k in has]
+            for j, col in enumerate(("delta", "gamma", "vega", "theta")):
+                expo[col] += g[has, u, j].tolist()
+        return snaps, expo
 
     def _event(self, a, seq, prev, new, res, k, ratio, short, trigger, sources, ts_ms, rs):
         unds = self.universe.underlyings

@@ -283,12 +283,17 @@ COLUMNS = {"risk_snapshots": SNAPSHOT_COLS, "margin_events": EVENT_COLS,
 
 
 def snapshot_rows(msg: dict) -> dict[str, list]:
-    """Rows per table from one internal snapshot message (JSON, see Pipeline.emit)."""
+    """Rows per table from one internal snapshot message: column-oriented JSON for snapshots
+    and exposures, row lists for stress (see Pipeline._send_snapshots)."""
     out: dict[str, list] = {}
-    for table, rows in msg.items():
+    for table, data in msg.items():
         cols = COLUMNS[table]
-        out[table] = [[_from_json(c, r[c] if isinstance(r, dict) else r[i])
-                       for i, c in enumerate(cols)] for r in rows]
+        if isinstance(data, dict):
+            columns = [data[c] if c != "ts" else [_from_json("ts", v) for v in data[c]]
+                       for c in cols]
+            out[table] = [list(r) for r in zip(*columns)]
+        else:
+            out[table] = [[_from_json(c, r[i]) for i, c in enumerate(cols)] for r in data]
     return out
 
 

@@ -40,6 +40,10 @@ def test_flash_crash_story(settings):
     changelog = ChangelogReader(settings)
     try:
         pub.collateral("dep-1", "alice", "USD", 75_000.0, ts=T0)
+        pub.flush()
+        # trades and collateral are separate topics: Kafka orders records within one, so the
+        # story waits for the deposit before trading (as a real account must be funded first)
+        changelog.wait_applied("alice", settings.topic("collateral"), 0)
         for n in range(5):
             pub.trade(f"t{n}", "alice", "BTC-55000-P", -2.0, q0["mark"], ts=T0)
         pub.flush()

@@ -1,0 +1,414 @@
+"""`riskpipe bench pipeline`: the worker through the real local broker and the embedded
+ClickHouse sink, against a naive per-event Faust agent on the same workload, in one run.
+
+Measured:
+* sustained input events/s of one worker (trades + collateral already on the topics, the
+  worker started cold; time from its first to its last applied event), and the same for the
+  naive agent (the obvious implementation: ``async for event in stream`` -> decode -> apply ->
+  margin one account -> table write), with the ratio;
+* end-to-end latency percentiles at a fixed input rate: event time (set by the producer) to
+  the risk snapshot / margin event the worker produces (both on the same clock);
+* quote fan-out: time to re-margin 100,000 accounts after one underlying moves (risk arrays +
+  margin + states + outputs, the code path of a market tick);
+* worker memory (RSS) with 100,000 accounts loaded.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import uuid
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import numpy as np
+
+from .settings import REPO, Settings
+
+T0 = datetime.now(timezone.utc).replace(microsecond=0) - timedelta(minutes=5)
+
+
+def _instruments():
+    from .simulator import build_instruments
+    return build_instruments(T0)
+
+
+def _publish_reference(pub, instruments, market_quotes):
+    for i in instruments:
+        pub.instrument(i.id, i.kind, i.underlying, i.settlement, i.multiplier, i.strike,
+                       i.expiry, i.lot_size, ts=T0)
+    pub.flush()
+    for inst, mark, index, iv in market_quotes:
+        pub.quote(inst, mark, index, mark_iv=iv, ts=T0)
+    pub.flush()
+
+
+def _workload(n_events, n_accounts, instruments, marks, seed=3):
+    """Pre-encoded (topic, key, value) input records: 85% trades, 15% collateral."""
+    from schemas import Codec
+    codec = Codec()
+    rng = np.random.default_rng(seed)
+    tradable = [i for i in instruments if i.kind != "SPOT"]
+    out = []
+    ts = T0
+    for n in range(n_events):
+        acct = f"acct-{int(rng.integers(n_accounts)):06d}"
+        if n < n_accounts:  # everyone deposits first
+            acct = f"acct-{n:06d}"
+            rec = dict(change_id=f"c{n}", account=acct, asset="USD", amount=1_000_000.0,
+                       kind="DEPOSIT", ts=ts)
+            out.append(("collateral", acct.encode(), codec.encode("CollateralChange", rec)))
+        elif rng.random() < 0.15:
+            rec = dict(change_id=f"c{n}", account=acct, asset="USD",
+                       amount=float(rng.choice([1000.0, -500.0])), kind="TRANSFER", ts=ts)
+            out.append(("collateral", acct.encode(), codec.encode("CollateralChange", rec)))
+        else:
+            inst = tradable[int(rng.integers(len(tradable)))]
+            q = float(rng.choice([-1, 1]) * (10 if inst.settlement == "INVERSE" and
+                                             inst.kind == "PERPETUAL" else 0.1))
+            rec = dict(trade_id=f"t{n}", account=acct, instrument=inst.id, quantity=q,
+                       price=float(marks[inst.id]), fee=0.0, ts=ts)
+            out.append(("trades", acct.encode(), codec.encode("Trade", rec)))
+    return out
+
+
+def _produce(settings, records, rate=None, stamp=False):
+    from .publish import Publisher
+    pub = Publisher(settings, linger_ms=20) if False else Publisher(settings)
+    t0 = time.perf_counter()
+    for n, (topic, key, value) in enumerate(records):
+        pub.raw(topic, key, value)
+        if rate and n % 200 == 199:
+            ahead = t0 + (n + 1) / rate - time.perf_counter()
+            if ahead > 0:
+                time.sleep(ahead)
+    pub.flush(120)
+
+
+def _metric(port, name):
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics/", timeout=1) as r:
+            for line in r.read().decode().splitlines():
+                if line.startswith(name + " "):
+                    return float(line.split()[1])
+    except Exception:  # noqa: BLE001
+        return None
+    return None
+
+
+def _rss_kb(pid) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def _start_worker(settings, name, port, naive=False, extra=None):
+    env = dict(os.environ, RISKPIPE_KAFKA_BOOTSTRAP=settings.kafka_bootstrap,
+               RISKPIPE_TOPIC_PREFIX=settings.topic_prefix,
+               RISKPIPE_APP_ID=f"{settings.app_id}-{name}",
+               RISKPIPE_DATA_DIR=str(settings.data_dir / name),
+               RISKPIPE_CLICKHOUSE_DSN=f"chdb://{settings.data_dir / name / 'clickhouse'}",
+               RISKPIPE_WEB_PORT=str(port), **(extra or {}))
+    log = open(settings.data_dir / f"{name}.log", "ab")
+    cmd = [sys.executable, "-m", "streams.bench_pipeline", "--naive-worker"] if naive else \
+        [sys.executable, "-m", "streams.cli", "worker"]
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def _throughput(settings, name, port, n_events, naive=False, timeout=600):
+    p = _start_worker(settings, name, port, naive=naive)
+    try:
+        t_first = t_last = None
+        seen = 0.0
+        deadline = time.time() + timeout
+        rss = 0
+        while time.time() < deadline:
+            v = _metric(port, "riskpipe_events_in_total")
+            now = time.perf_counter()
+            if v is not None:
+                if v > 0 and t_first is None:
+                    t_first, first_count = now, v
+                if v > seen:
+                    seen, t_last = v, now
+                if v >= n_events:
+                    break
+            if p.poll() is not None:
+                raise RuntimeError(f"{name} exited; see {settings.data_dir / (name + '.log')}")
+            rss = max(rss, _rss_kb(p.pid))
+            time.sleep(0.05)
+        if t_first is None or t_last is None or t_last <= t_first:
+            raise RuntimeError(f"{name}: no progress ({seen} events)")
+        return {"events": int(seen), "seconds": round(t_last - t_first, 3),
+                "events_per_s": round((seen - first_count) / (t_last - t_first), 1),
+                "rss_mb": round(rss / 1024, 1)}
+    finally:
+        p.terminate()
+        try:
+            p.wait(60)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
+def _latency(settings, port, rate, seconds, n_accounts, instruments, marks):
+    """Worker already running: publish at ``rate`` with event time = now and read the
+    risk-snapshots it writes (Kafka timestamp = when produced) and margin-calls."""
+    from confluent_kafka import Consumer, TopicPartition
+    from schemas import Codec
+    from .publish import Publisher
+    codec = Codec()
+    c = Consumer({**settings.kafka_conf(), "group.id": f"lat-{uuid.uuid4().hex[:6]}",
+                  "auto.offset.reset": "latest", "enable.auto.commit": False})
+    topics = [settings.topic("risk-snapshots"), settings.topic("margin-calls")]
+    md = c.list_topics(timeout=10)
+    tps = []
+    for t in topics:
+        for p in md.topics[t].partitions:
+            lo, hi = c.get_watermark_offsets(TopicPartition(t, p), timeout=10)
+            tps.append(TopicPartition(t, p, hi))
+    c.assign(tps)
+    lat: list[float] = []
+    stop = threading.Event()
+
+    def consume():
+        while not stop.is_set():
+            m = c.poll(0.1)
+            if m is None or m.error():
+                continue
+            _, produced_ms = m.timestamp()
+            if m.topic() == topics[0]:
+                for row in json.loads(m.value()).get("risk_snapshots", []):
+                    if row["trigger"] in ("TRADE", "COLLATERAL"):
+                        lat.append(produced_ms - row["ts"])
+            else:
+                e = codec.decode(m.value())[1]
+                if e["trigger"] in ("TRADE", "COLLATERAL"):
+                    lat.append(produced_ms - e["ts"].timestamp() * 1000)
+
+    th = threading.Thread(target=consume, daemon=True)
+    th.start()
+    pub = Publisher(settings, **{"linger.ms": 1})
+    rng = np.random.default_rng(9)
+    tradable = [i for i in instruments if i.kind in ("PERPETUAL", "FUTURE")]
+    n = int(rate * seconds)
+    t0 = time.perf_counter()
+    for k in range(n):
+        acct = f"acct-{int(rng.integers(n_accounts)):06d}"
+        inst = tradable[int(rng.integers(len(tradable)))]
+        pub.trade(f"lat{k}", acct, inst.id, 0.01 if rng.random() < 0.5 else -0.01,
+                  float(marks[inst.id]), ts=datetime.now(timezone.utc))
+        ahead = t0 + (k + 1) / rate - time.perf_counter()
+        if ahead > 0:
+            time.sleep(ahead)
+    pub.flush()
+    achieved = n / (time.perf_counter() - t0)
+    time.sleep(3)
+    stop.set()
+    th.join()
+    c.close()
+    a = np.array(lat) if lat else np.array([np.nan])
+    return {"target_rate": rate, "achieved_rate": round(achieved, 1), "samples": len(lat),
+            "p50_ms": round(float(np.percentile(a, 50)), 2),
+            "p95_ms": round(float(np.percentile(a, 95)), 2),
+            "p99_ms": round(float(np.percentile(a, 99)), 2),
+            "max_ms": round(float(np.max(a)), 2)}
+
+
+def fanout(n_accounts=100_000, positions=20):
+    """In-process: 100k accounts; one BTC quote; time the market tick (the worker's path)."""
+    from .processor import RiskProcessor
+    from .simulator import Market
+    ins = _instruments()
+    proc = RiskProcessor(snapshot_interval_ms=0)
+    for i in ins:
+        proc.apply_instrument(dict(id=i.id, kind=i.kind, underlying=i.underlying,
+                                   settlement=i.settlement, multiplier=i.multiplier,
+                                   strike=i.strike, expiry=i.expiry, lot_size=i.lot_size))
+    mkt = Market(ins, T0, 1)
+    quotes = mkt.quotes(T0)
+    for inst, mark, index, iv in quotes:
+        proc.apply_quote(dict(instrument=inst, mark=mark, index_price=index, mark_iv=iv,
+                              ts=T0))
+    proc.on_market_tick()
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rng = np.random.default_rng(4)
+    book = proc.book
+    uni = proc.universe
+    tradable = np.array([uni.row(i.id) for i in ins if i.underlying == "BTC"])
+    usd = uni.row("USD")
+    book._grow_cap(positions)
+    for a in range(n_accounts):
+        acct = f"acct-{a:06d}"
+        r = book.row(acct)
+        rows = rng.choice(tradable, positions - 1, replace=False)
+        base = r * book.cap
+        book.inst[base] = usd
+        book.qty[base] = 1e6
+        book.inst[base + 1:base + positions] = rows
+        book.qty[base + 1:base + positions] = rng.normal(0, 0.5, positions - 1)
+        book.count[r] = positions
+        proc.partition[acct] = a % 4
+    rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    proc.on_market_tick()
+    times = []
+    for k in range(5):
+        q = quotes[0]
+        proc.apply_quote(dict(instrument=q[0], mark=q[1] * (1 - 0.01 * (k + 1)),
+                              index_price=q[2] * (1 - 0.01 * (k + 1)), mark_iv=q[3],
+                              ts=T0 + timedelta(seconds=k + 1)))
+        t0 = time.perf_counter()
+        out = proc.on_market_tick()
+        times.append(time.perf_counter() - t0)
+    rs_t0 = time.perf_counter()
+    proc._stale = True
+    proc.risk_set()
+    rs_time = time.perf_counter() - rs_t0
+    rows = np.arange(n_accounts, dtype=np.int64)
+    m_t0 = time.perf_counter()
+    proc.book.margin(proc.risk_set(), rows)
+    m_time = time.perf_counter() - m_t0
+    return {"accounts": n_accounts, "positions_per_account": positions,
+            "market_tick_ms_best": round(min(times) * 1e3, 2),
+            "market_tick_ms_median": round(float(np.median(times)) * 1e3, 2),
+            "of_which_risk_arrays_ms": round(rs_time * 1e3, 2),
+            "of_which_margin_ms": round(m_time * 1e3, 2),
+            "snapshots_last_tick": len(out.snapshots.get("account", [])), "events_last_tick": len(out.events),
+            "target_ms": 100.0,
+            "book_memory_mb": round((rss1 - rss0) / 1024, 1),
+            "process_max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+                                        / 1024, 1)}
+
+
+def run(events=200_000, accounts=20_000, latency_rate=10_000, latency_seconds=10,
+        port=39092, baseline_events=None) -> dict:
+    from .demo import kafka
+    from .simulator import Market
+    from .topics import create_topics
+    from .publish import Publisher
+    started = False
+    if kafka("status", port).returncode != 0:
+        r = kafka("up", port)
+        if r.returncode != 0:
+            raise RuntimeError(f"local Kafka failed to start: {r.stderr}")
+        started = True
+    run_id = uuid.uuid4().hex[:8]
+    data = REPO / ".riskpipe" / f"bench-{run_id}"
+    s = Settings(kafka_bootstrap=f"127.0.0.1:{port}", topic_prefix=f"bench{run_id}.",
+                 app_id=f"bench-{run_id}", data_dir=data)
+    data.mkdir(parents=True, exist_ok=True)
+    result: dict = {"benchmark": "pipeline", "machine": {"cpus": os.cpu_count()},
+                    "workload": {"events": events, "accounts": accounts,
+                                 "mix": "85% trades, 15% collateral; first event of every "
+                                        "account is a deposit"}}
+    try:
+        create_topics(s)
+        ins = _instruments()
+        mkt = Market(ins, T0, 1)
+        quotes = mkt.quotes(T0)
+        marks = {q[0]: q[1] for q in quotes}
+        _publish_reference(Publisher(s), ins, quotes)
+        recs = _workload(events, accounts, ins, marks)
+        t0 = time.perf_counter()
+        _produce(s, recs)
+        result["workload"]["produce_seconds"] = round(time.perf_counter() - t0, 2)
+        result["riskpipe_worker"] = _throughput(s, "worker", 16066, events)
+        nb = baseline_events or min(events, 30_000)
+        result["naive_faust_agent"] = _throughput(s, "naive", 16067, nb, naive=True)
+        result["naive_faust_agent"]["note"] = f"first {nb} events of the same topics"
+        result["throughput_ratio"] = round(result["riskpipe_worker"]["events_per_s"] /
+                                           result["naive_faust_agent"]["events_per_s"], 2)
+        # latency with the (warm) worker consuming live
+        p = _start_worker(s, "worker", 16066)
+        try:
+            deadline = time.time() + 120
+            while time.time() < deadline and (_metric(16066, "riskpipe_events_in_total") or 0) \
+                    < 1 and p.poll() is None:
+                _produce(s, recs[:1])
+                time.sleep(1)
+            result["latency"] = _latency(s, 16066, latency_rate, latency_seconds, accounts,
+                                         ins, marks)
+            result["latency"]["rss_mb"] = round(_rss_kb(p.pid) / 1024, 1)
+        finally:
+            p.terminate()
+            p.wait(60)
+    finally:
+        if started:
+            kafka("down", port)
+    result["fanout"] = fanout()
+    return result
+
+
+# -- the naive baseline ------------------------------------------------------------------------
+
+def naive_worker() -> None:
+    """The obvious Faust implementation: one event at a time, margin that account, write the
+    table, emit a margin event on transitions. Same engine, same topics, its own group."""
+    import faust
+
+    import engine as E
+    from schemas import Codec
+    from .processor import RiskProcessor
+    from .settings import load_settings
+    s = load_settings()
+    app = faust.App(s.app_id, broker=f"kafka://{s.kafka_bootstrap}", store="memory://",
+                    datadir=str(s.data_dir / "faust"), web_port=s.web_port,
+                    web_bind="127.0.0.1", consumer_auto_offset_reset="earliest",
+                    topic_partitions=s.partitions)
+    (s.data_dir / "faust").mkdir(parents=True, exist_ok=True)
+    table = app.Table("naive-accounts", default=None, partitions=s.partitions)
+    topic = app.topic(s.topic("trades"), s.topic("collateral"), key_type=bytes,
+                      value_type=bytes, value_serializer="raw", key_serializer="raw")
+    out_topic = app.topic(s.topic("margin-calls-naive"), value_serializer="raw")
+    codec = Codec()
+    proc = RiskProcessor()
+    counter = {"n": 0}
+    from confluent_kafka import Consumer
+    c = Consumer({**s.kafka_conf(), "group.id": f"{s.app_id}-ref",
+                  "auto.offset.reset": "earliest"})
+    ref = [s.topic("instruments"), s.topic("quotes")]
+    c.subscribe(ref)
+    idle = 0
+    while idle < 6:
+        m = c.poll(0.5)
+        if m is None:
+            idle += 1
+            continue
+        name, rec = codec.decode(m.value())
+        proc.apply_instrument(rec) if name == "Instrument" else proc.apply_quote(rec)
+    c.close()
+    proc.risk_set()
+
+    @app.agent(topic)
+    async def accounts(stream):
+        async for event in stream.events():
+            m = event.message
+            try:
+                name, rec = codec.decode(event.value)
+                out = proc.apply_account_events([(name, rec, m.topic, m.partition, m.offset)])
+            except Exception:  # noqa: BLE001
+                continue
+            for e in out.events:
+                await out_topic.send(key=e["account"].encode(),
+                                     value=codec.encode("MarginEvent", e))
+            table[rec["account"]] = json.dumps(proc.account_record(rec["account"]))
+            counter["n"] += 1
+
+    @app.page("/metrics")
+    async def metrics(web, request):
+        return web.text(f"riskpipe_events_in_total {counter['n']}\n")
+
+    from faust import Worker
+    sys.argv = [sys.argv[0]]
+    Worker(app, loglevel="warning", redirect_stdouts=False).execute_from_commandline()
+
+
+if __name__ == "__main__":
+    if "--naive-worker" in sys.argv:
+        naive_worker()
+    else:
+        print(json.dumps(run(), indent=2))
