@@ -29,6 +29,7 @@ class AccountBook:
         self.universe = universe
         self.cap = max(1, int(capacity))
         self._row: dict[str, int] = {}
+        self._slots: list[dict[int, int]] = []  # per row: instrument row -> slot within row
         self.ids: list[str] = []
         self.count = np.zeros(0, dtype=np.int64)
         self.inst = np.zeros(0, dtype=np.int64)
@@ -50,6 +51,7 @@ class AccountBook:
             r = len(self.ids)
             self.ids.append(account)
             self._row[account] = r
+            self._slots.append({})
             if r >= self.count.shape[0]:
                 self._grow_rows(max(16, 2 * self.count.shape[0]))
         return r
@@ -84,10 +86,8 @@ class AccountBook:
 
     # -- positions ------------------------------------------------------------------------
     def _slot(self, r: int, inst_row: int) -> int:
-        base = r * self.cap
-        n = self.count[r]
-        hit = np.flatnonzero(self.inst[base:base + n] == inst_row)
-        return int(base + hit[0]) if hit.size else -1
+        k = self._slots[r].get(inst_row)
+        return -1 if k is None else r * self.cap + k
 
     def get(self, account: str, instrument: str) -> tuple[float, float]:
         if account not in self._row:
@@ -104,35 +104,50 @@ class AccountBook:
                                   value=cost, instrument=instrument)
         r = self.row(account)
         j = self._slot(r, i)
+        slots = self._slots[r]
         if qty == 0.0 and cost == 0.0:
             if j >= 0:
-                last = r * self.cap + self.count[r] - 1
-                self.inst[j], self.qty[j], self.cost[j] = self.inst[last], self.qty[last], \
-                    self.cost[last]
+                last = r * self.cap + int(self.count[r]) - 1
+                moved = int(self.inst[last])
+                self.inst[j], self.qty[j], self.cost[j] = moved, self.qty[last], self.cost[last]
+                slots[moved] = j - r * self.cap
+                del slots[i]
                 self.count[r] -= 1
             return
         if j < 0:
             if self.count[r] == self.cap:
                 self._grow_cap(self.cap * 2)
-            j = r * self.cap + self.count[r]
+            k = int(self.count[r])
+            j = r * self.cap + k
             self.count[r] += 1
             self.inst[j] = i
+            slots[i] = k
         self.qty[j] = qty
         self.cost[j] = cost
 
     def positions(self, account: str) -> list[Position]:
         if account not in self._row:
             return []
-        r = self._row[account]
+        return [Position(*t) for t in self.position_tuples(account)]
+
+    def position_tuples(self, account: str) -> list[tuple[str, float, float]]:
+        """(instrument, quantity, cost) of an account, as plain Python values (fast path for
+        persisting account records)."""
+        r = self._row.get(account)
+        if r is None:
+            return []
         base = r * self.cap
+        end = base + int(self.count[r])
         names = self.universe.instruments
-        return [Position(names[self.inst[j]].id, float(self.qty[j]), float(self.cost[j]))
-                for j in range(base, base + self.count[r])]
+        return [(names[i].id, q, c) for i, q, c in zip(self.inst[base:end].tolist(),
+                                                        self.qty[base:end].tolist(),
+                                                        self.cost[base:end].tolist())]
 
     def load(self, account: str, positions) -> None:
         """Replace an account's positions (used when restoring from a table)."""
         r = self.row(account)
         self.count[r] = 0
+        self._slots[r] = {}
         for p in positions:
             self.set(account, p.instrument, p.quantity, p.cost)
 

@@ -117,6 +117,7 @@ def build_book(uni, n_accounts, n_positions, seed=2):
     fut = np.isin(uni.arrays.kind[inst], (1, 2))
     cost[fut] = qty[fut] * 60_000 * 0.99
     book.inst, book.qty, book.cost = inst.ravel(), qty.ravel(), cost.ravel()
+    book._slots = [{int(i): k for k, i in enumerate(row)} for row in inst]
     assert n_inst == len(uni)
     return book
 

@@ -92,7 +92,7 @@ def _produce(settings, records, rate=None, stamp=False):
 
 def _metric(port, name):
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics/", timeout=1) as r:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=1) as r:
             for line in r.read().decode().splitlines():
                 if line.startswith(name + " "):
                     return float(line.split()[1])
@@ -182,9 +182,11 @@ def _latency(settings, port, rate, seconds, n_accounts, instruments, marks):
                 continue
             _, produced_ms = m.timestamp()
             if m.topic() == topics[0]:
-                for row in json.loads(m.value()).get("risk_snapshots", []):
-                    if row["trigger"] in ("TRADE", "COLLATERAL"):
-                        lat.append(produced_ms - row["ts"])
+                cols = json.loads(m.value()).get("risk_snapshots")
+                if cols:
+                    for trig, ts in zip(cols["trigger"], cols["ts"]):
+                        if trig in ("TRADE", "COLLATERAL"):
+                            lat.append(produced_ms - ts)
             else:
                 e = codec.decode(m.value())[1]
                 if e["trigger"] in ("TRADE", "COLLATERAL"):
@@ -252,6 +254,7 @@ def fanout(n_accounts=100_000, positions=20):
         book.inst[base + 1:base + positions] = rows
         book.qty[base + 1:base + positions] = rng.normal(0, 0.5, positions - 1)
         book.count[r] = positions
+        book._slots[r] = {int(i): k for k, i in enumerate(book.inst[base:base + positions])}
         proc.partition[acct] = a % 4
     rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     proc.on_market_tick()
@@ -368,19 +371,19 @@ def naive_worker() -> None:
     proc = RiskProcessor()
     counter = {"n": 0}
     from confluent_kafka import Consumer
-    c = Consumer({**s.kafka_conf(), "group.id": f"{s.app_id}-ref",
-                  "auto.offset.reset": "earliest"})
-    ref = [s.topic("instruments"), s.topic("quotes")]
-    c.subscribe(ref)
-    idle = 0
-    while idle < 6:
-        m = c.poll(0.5)
-        if m is None:
-            idle += 1
-            continue
-        name, rec = codec.decode(m.value())
-        proc.apply_instrument(rec) if name == "Instrument" else proc.apply_quote(rec)
-    c.close()
+    for ref in (s.topic("instruments"), s.topic("quotes")):  # instruments before quotes
+        c = Consumer({**s.kafka_conf(), "group.id": f"{s.app_id}-ref-{ref}",
+                      "auto.offset.reset": "earliest"})
+        c.subscribe([ref])
+        idle = 0
+        while idle < 6:
+            m = c.poll(0.5)
+            if m is None:
+                idle += 1
+                continue
+            name, rec = codec.decode(m.value())
+            proc.apply_instrument(rec) if name == "Instrument" else proc.apply_quote(rec)
+        c.close()
     proc.risk_set()
 
     @app.agent(topic)

@@ -120,7 +120,7 @@ def sql(query: str = typer.Argument("", help="SQL, or empty with --named"),
             query = NAMED_QUERIES[named][1].replace("{db}", DB).replace("{limit}", str(limit))
             query = query.replace("{account:String}", "'" + account.replace("'", "''") + "'")
         try:
-            with urllib.request.urlopen(f"{worker.rstrip('/')}/sql/?q=" +
+            with urllib.request.urlopen(f"{worker.rstrip('/')}/sql?q=" +
                                         urllib.parse.quote(query), timeout=30) as r:
                 data = json.loads(r.read())
         except Exception as e:  # noqa: BLE001
@@ -232,6 +232,26 @@ def tail(account: str = typer.Option("", help="only this account"),
         pass
     finally:
         c.close()
+
+
+@app.command()
+def whatif(account: str = typer.Argument(..., help="account id"),
+           trades: list[str] = typer.Argument(..., help="INSTRUMENT:QTY:PRICE, e.g. "
+                                              "BTC-PERP:-0.5:60000")):
+    """Pre-trade check: margin of an account before and after hypothetical trades."""
+    parsed = []
+    for t in trades:
+        try:
+            inst, qty, price = t.rsplit(":", 2)
+            parsed.append((inst, float(qty), float(price)))
+        except ValueError:
+            raise UserError(f"bad trade {t!r}: expected INSTRUMENT:QTY:PRICE") from None
+    from .whatif import what_if
+    try:
+        res = what_if(_settings(), account, parsed)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    typer.echo(json.dumps(res, indent=2))
 
 
 def main() -> None:

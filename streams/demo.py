@@ -145,7 +145,7 @@ def run_demo(accounts: int = 2000, duration_s: float = 120.0, seed: int = 7,
     def worker_metrics():
         try:
             import urllib.request
-            with urllib.request.urlopen("http://127.0.0.1:6066/metrics/", timeout=0.3) as r:
+            with urllib.request.urlopen("http://127.0.0.1:6066/metrics", timeout=0.3) as r:
                 text = r.read().decode()
             vals = dict(line.rsplit(" ", 1) for line in text.splitlines()
                         if line and not line.startswith("#") and "{" not in line)

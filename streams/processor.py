@@ -182,7 +182,7 @@ class RiskProcessor:
     # -- account state persistence ----------------------------------------------------------
     def account_record(self, acct: str) -> dict:
         return {"p": self.partition.get(acct, -1),
-                "pos": [[p.instrument, p.quantity, p.cost] for p in self.book.positions(acct)],
+                "pos": [list(t) for t in self.book.position_tuples(acct)],
                 "st": self.state.get(acct, 0), "seq": self.seq.get(acct, 0),
                 "off": self.offsets.get(acct, {}),
                 "out": [event_to_json(e) for e in self.outbox.get(acct, [])]}
