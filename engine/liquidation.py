@@ -95,9 +95,10 @@ def liquidation_plan(book: AccountBook, account: str, rs: RiskSet,
                 inst = uni.instruments[uni.row(p.instrument)]
                 if inst.kind not in category or p.quantity == 0:
                     continue
-                trial = _scratch(s, s.positions(_SCRATCH))
-                _close(trial, rs, p.instrument, 1.0)
-                m = _summary(trial, rs)
+                saved = s.positions(_SCRATCH)
+                _close(s, rs, p.instrument, 1.0)
+                m = _summary(s, rs)
+                s.load(_SCRATCH, saved)  # undo the trial close
                 gain = cur.mm - m.mm
                 if gain > 1e-9 and (best is None or gain > best[1]):
                     best = (p.instrument, gain, m)
@@ -108,12 +109,15 @@ def liquidation_plan(book: AccountBook, account: str, rs: RiskSet,
         name, _, full = best
         frac = 1.0
         if ok(full):
+            # smallest fraction that restores the target; 2^-24 is far below any lot size
+            saved = s.positions(_SCRATCH)
             lo, hi = 0.0, 1.0
-            for _ in range(40):
+            for _ in range(24):
                 mid = 0.5 * (lo + hi)
-                trial = _scratch(s, s.positions(_SCRATCH))
-                _close(trial, rs, name, mid)
-                if ok(_summary(trial, rs)):
+                _close(s, rs, name, mid)
+                good = ok(_summary(s, rs))
+                s.load(_SCRATCH, saved)
+                if good:
                     hi = mid
                 else:
                     lo = mid
