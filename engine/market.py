@@ -22,7 +22,7 @@ import numpy as np
 from .errors import ExpiredInstrument, InvalidPrice, InvalidVolatility, MissingMarketData
 from .instruments import MS_PER_DAY, MS_PER_YEAR, Kind, Universe
 from .params import RiskParams
-from .pricing import black76, black76_price
+from .pricing import black76, norm_cdf
 from .scenarios import preset
 
 MIN_SHOCKED_VOL = 0.01
@@ -67,7 +67,7 @@ class RiskSet:
         return tab
 
 
-@nb.njit(cache=True, parallel=True)
+@nb.njit(cache=True, parallel=True, fastmath={"contract", "nsz"})
 def risk_arrays(rows, kind, inverse, mult, strike, t_years, spot, mark, vol, rate, vol_shock,
                 moves, vol_sign, und, value, risk, greeks, notional_delta):
     """Fill value / risk / greeks / notional_delta for ``rows`` (no argument checks).
@@ -75,6 +75,7 @@ def risk_arrays(rows, kind, inverse, mult, strike, t_years, spot, mark, vol, rat
     ``spot``, ``rate`` are per underlying; ``moves``/``vol_sign`` are per underlying x scenario.
     """
     n_scen = moves.shape[1]
+    log_move = np.log(np.maximum(1.0 + moves, 1e-300))
     for r in nb.prange(rows.shape[0]):
         i = rows[r]
         u = und[i]
@@ -123,16 +124,26 @@ def risk_arrays(rows, kind, inverse, mult, strike, t_years, spot, mark, vol, rat
             greeks[i, 3] = m * th
             notional_delta[i] = 0.0
             shock = vol_shock[i]
+            kk = strike[i]
+            df = math.exp(-rate[u] * t)
+            sqt = math.sqrt(t)
+            ln_fk = math.log(f0 / kk)
             for s in range(n_scen):
                 sig1 = sig * (1.0 + vol_sign[u, s] * shock)
                 if sig1 < MIN_SHOCKED_VOL:
                     sig1 = MIN_SHOCKED_VOL
-                f1 = f0 * (1.0 + moves[u, s])
-                if f1 <= 0.0:
+                g1 = 1.0 + moves[u, s]
+                if g1 <= 0.0:
                     # a -100% move: calls worthless, puts worth their discounted strike
-                    p1 = 0.0 if is_call else strike[i] * math.exp(-rate[u] * t)
+                    p1 = 0.0 if is_call else kk * df
                 else:
-                    p1 = black76_price(f1, strike[i], t, sig1, rate[u], is_call)
+                    # Black-76 written out with the per-instrument terms hoisted: only the
+                    # scenario's log-move, vol and two normal CDFs are evaluated per cell
+                    f1 = f0 * g1
+                    sd = sig1 * sqt
+                    d1 = (ln_fk + log_move[u, s] + 0.5 * sd * sd) / sd
+                    call = df * (f1 * norm_cdf(d1) - kk * norm_cdf(d1 - sd))
+                    p1 = call if is_call else call - df * (f1 - kk)
                 risk[i, s] = m * (p1 - p0)
 
 
