@@ -37,6 +37,33 @@ from .settings import Settings
 log = logging.getLogger(__name__)
 
 
+class Histogram:
+    """A Prometheus histogram (cumulative buckets, text exposition) without global state."""
+
+    def __init__(self, name: str, help_: str, buckets):
+        self.name, self.help = name, help_
+        self.buckets = list(buckets)
+        self.counts = [0] * (len(self.buckets) + 1)
+        self.sum = 0.0
+        self.n = 0
+
+    def observe(self, v: float) -> None:
+        import bisect
+        self.counts[bisect.bisect_left(self.buckets, v)] += 1
+        self.sum += v
+        self.n += 1
+
+    def text(self) -> list[str]:
+        out = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} histogram"]
+        acc = 0
+        for b, c in zip(self.buckets, self.counts):
+            acc += c
+            out.append(f'{self.name}_bucket{{le="{b}"}} {acc}')
+        out.append(f'{self.name}_bucket{{le="+Inf"}} {self.n}')
+        out += [f"{self.name}_sum {self.sum:.6f}", f"{self.name}_count {self.n}"]
+        return out
+
+
 class Pipeline:
     """Everything a worker holds; ``app`` is the Faust app."""
 
@@ -58,12 +85,21 @@ class Pipeline:
                         "market_ticks": 0}
         # seconds spent per stage (for the benchmark's breakdown and ops dashboards)
         self.timings = {"process": 0.0, "flush": 0.0, "wait": 0.0}
+        self.events_by_topic: dict[str, int] = {}
+        self.latency = Histogram("riskpipe_event_to_output_seconds",
+                                 "event time of an input record to its outputs acknowledged",
+                                 (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+        self.sink_latency = Histogram("riskpipe_sink_batch_seconds",
+                                      "ClickHouse insert time per batch",
+                                      (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5))
         self.needs_sync = True
         self.ref_ready = asyncio.Event()
         self._bc_consumer = None
         # one unit of work at a time (an agent batch, a market tick, a parameter change), so
         # an account's margin events reach the topic in sequence order
         self.work_lock = asyncio.Lock()
+        if sink is not None:
+            sink.on_batch = self.sink_latency.observe
         self._applied: dict = {}   # broadcast TopicPartition -> next offset to apply
         self.app = self._build()
 
@@ -124,7 +160,12 @@ class Pipeline:
             if self.sink is not None and self.ref_ready.is_set():
                 async with self.work_lock:
                     await self.sync()
-                    await self.emit(Output(stress=self.processor.stress(self.worker_id)))
+                    per = {} if s.scenario_pnl else None
+                    out = Output(stress=self.processor.stress(self.worker_id, per))
+                    await self.emit(out)
+                    if per:
+                        await self._send_columns("scenario_pnl", per, chunk=20_000)
+                        await self.app.producer.flush()
 
         if self.sink is not None:
             @app.agent(self.snapshot_topic, concurrency=1, name="sink-snapshots")
@@ -280,6 +321,12 @@ class Pipeline:
         out.rejected = rejected + out.rejected
         await self.emit(out, {(m.topic, m.partition, m.offset): m for m in
                               (ev.message for ev in batch)})
+        now = time.time()
+        for _, rec, topic, _, _ in decoded:
+            self.events_by_topic[topic] = self.events_by_topic.get(topic, 0) + 1
+            ts = rec.get("ts")
+            if isinstance(ts, datetime):
+                self.latency.observe(max(0.0, now - ts.timestamp()))
 
     async def emit(self, out: Output, messages=None, resend_only: bool = False) -> None:
         """Send a unit of work's outputs; returns once the broker has acknowledged them all.
@@ -330,16 +377,19 @@ class Pipeline:
         sent column-oriented in chunks (a market move over 100k accounts is ~50 messages)."""
         futs = []
         for table, cols in (("risk_snapshots", out.snapshots), ("exposures", out.exposures)):
-            n = n_rows(cols)
-            for lo in range(0, n, chunk):
-                part = {k: v[lo:lo + chunk] for k, v in cols.items()}
-                await self._send(self.s.topic("risk-snapshots"), part["account"][0].encode(),
-                                 json.dumps({table: part}).encode())
+            await self._send_columns(table, cols, chunk)
         if out.stress:
             rows = [[_ms_of(r[0]), *r[1:]] for r in out.stress]
             futs.append(await self.snapshot_topic.send(
                 key=self.worker_id.encode(), value=json.dumps({"stress": rows}).encode()))
         return futs
+
+    async def _send_columns(self, table: str, cols: dict, chunk: int) -> None:
+        n = n_rows(cols)
+        for lo in range(0, n, chunk):
+            part = {k: v[lo:lo + chunk] for k, v in cols.items()}
+            await self._send(self.s.topic("risk-snapshots"), part["account"][0].encode(),
+                             json.dumps({table: part}).encode())
 
     async def sink_snapshot_batch(self, batch) -> None:
         import json as _json
@@ -389,7 +439,12 @@ class Pipeline:
         from .processor import STATE_NAMES
         for i, name in enumerate(STATE_NAMES):
             lines.append(f'riskpipe_accounts{{state="{name}"}} {states.get(i, 0)}')
+        lines.append("# TYPE riskpipe_input_events_total counter")
+        for t, n in sorted(self.events_by_topic.items()):
+            lines.append(f'riskpipe_input_events_total{{topic="{t}"}} {n}')
+        lines += self.latency.text()
         if self.sink is not None:
+            lines += self.sink_latency.text()
             lines.append("# TYPE riskpipe_sink_rows_total counter")
             for t, n in self.sink.inserted.items():
                 lines.append(f'riskpipe_sink_rows_total{{table="{t}"}} {n}')

@@ -302,9 +302,13 @@ class RiskProcessor:
         self.risk_set()
         return self.remargin_underlyings(sorted(dirty))
 
-    def stress(self, worker: str) -> list[list]:
+    def stress(self, worker: str, per_account: dict | None = None) -> list[list]:
         """Exchange-wide stress of this worker's accounts: for each underlying and scenario, how
-        many accounts end with negative equity and the uncovered loss (unweighted P&L)."""
+        many accounts end with negative equity and the uncovered loss (unweighted P&L).
+
+        With ``per_account`` (a dict), it is filled with the per-account scenario P&L as
+        columns (account, underlying, scenario, ts, pnl) for the optional ``scenario_pnl``
+        table (100k accounts x 35 scenarios is 3.5M rows per call: off by default)."""
         n = len(self.book)
         if n == 0:
             return []
@@ -319,6 +323,23 @@ class RiskProcessor:
         loss = np.where(neg, -after, 0.0).sum(axis=0)
         ts = _dt(self.market_time_ms())
         out = []
+        if per_account is not None:
+            ids = self.book.ids
+            accts = [ids[r] for r in rows]
+            n_scen = rs.weight.shape[1]
+            for u, name in enumerate(self.universe.underlyings):
+                pnl = res.scenario_pnl[:, u, :]
+                has = np.flatnonzero(np.any(pnl != 0, axis=1))
+                if has.size == 0:
+                    continue
+                per_account.setdefault("account", []).extend(
+                    a for k in has for a in [accts[k]] * n_scen)
+                per_account.setdefault("underlying", []).extend([name] * (has.size * n_scen))
+                per_account.setdefault("scenario", []).extend(
+                    np.tile(np.arange(n_scen), has.size).tolist())
+                per_account.setdefault("ts", []).extend(
+                    [self.market_time_ms()] * (has.size * n_scen))
+                per_account.setdefault("pnl", []).extend(pnl[has].ravel().tolist())
         for u, name in enumerate(self.universe.underlyings):
             holders = self.book.rows_holding(name)
             if holders.size == 0:

@@ -82,6 +82,13 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
                sum(uncovered_loss) AS uncovered_loss, max(ts) AS as_of
         FROM {db}.stress FINAL GROUP BY underlying, scenario""",
     ]),
+    (3, "per-account scenario P&L (written only with RISKPIPE_SCENARIO_PNL=true)", [
+        """CREATE TABLE IF NOT EXISTS {db}.scenario_pnl (
+            account String, underlying LowCardinality(String), scenario UInt16,
+            ts DateTime64(3, 'UTC'), pnl Float64
+        ) ENGINE = ReplacingMergeTree(ts) ORDER BY (account, underlying, scenario)
+        TTL toDateTime(ts) + INTERVAL {ttl} DAY""",
+    ]),
 ]
 
 NAMED_QUERIES = {
@@ -187,6 +194,7 @@ EVENT_COLS = ["event_id", "account", "seq", "prev_state", "state", "equity", "im
               "margin_ratio", "shortfall", "worst_underlying", "worst_scenario", "worst_pnl",
               "trigger", "params_version", "liquidation_plan", "ts"]
 EXPOSURE_COLS = ["account", "underlying", "ts", "delta", "gamma", "vega", "theta"]
+SCENARIO_PNL_COLS = ["account", "underlying", "scenario", "ts", "pnl"]
 STRESS_COLS = ["ts", "worker", "underlying", "scenario", "price_move", "vol_shock_sign", "weight",
                "accounts", "accounts_negative", "uncovered_loss"]
 
@@ -210,8 +218,9 @@ class ClickHouseSink:
         self.s = settings
         self.store = store
         self.on_rejected = on_rejected
-        self.inserted = {"risk_snapshots": 0, "margin_events": 0, "exposures": 0, "stress": 0}
-        self.batch_seconds: list[float] = []
+        self.inserted = {t: 0 for t in ("risk_snapshots", "margin_events", "exposures",
+                                        "stress", "scenario_pnl")}
+        self.on_batch = None  # callable(seconds) per inserted batch (metrics)
         self.retries = 0
         self.pending = 0
         # chDB is in-process: keep every call to it on one thread
@@ -239,8 +248,8 @@ class ClickHouseSink:
             try:
                 t0 = time.perf_counter()
                 await self._call(self._insert, table, rows, token)
-                self.batch_seconds.append(time.perf_counter() - t0)
-                self.batch_seconds = self.batch_seconds[-1000:]
+                if self.on_batch is not None:
+                    self.on_batch(time.perf_counter() - t0)
                 break
             except Exception as e:  # noqa: BLE001 - classified below
                 if _is_bad_data(e):
@@ -279,7 +288,8 @@ class ClickHouseSink:
 
 
 COLUMNS = {"risk_snapshots": SNAPSHOT_COLS, "margin_events": EVENT_COLS,
-           "exposures": EXPOSURE_COLS, "stress": STRESS_COLS}
+           "exposures": EXPOSURE_COLS, "stress": STRESS_COLS,
+           "scenario_pnl": SCENARIO_PNL_COLS}
 
 
 def snapshot_rows(msg: dict) -> dict[str, list]:

@@ -69,3 +69,59 @@ def test_bad_records_are_dead_lettered_and_good_ones_flow(settings):
         assert w.proc.poll() is None  # no crash
     finally:
         w.stop()
+
+
+@pytest.mark.slow
+def test_ten_thousand_malformed_messages_mixed_into_the_input(settings):
+    """10,000 malformed records among good ones: every one is dead-lettered with its reason,
+    the worker never crashes, and the good records are all applied."""
+    import random
+    from tests.pipeline.harness import ChangelogReader
+    pub = Publisher(settings)
+    publish_reference(pub)
+    w = WorkerProcess(settings).start()
+    rng = random.Random(5)
+    loose = Codec(validate_domain=False)
+    put = quotes()[1]["mark"]
+    good = 0
+    try:
+        for n in range(10_000):
+            kind = n % 4
+            if kind == 0:
+                value = bytes(rng.getrandbits(8) for _ in range(rng.randint(0, 40)))
+            elif kind == 1:
+                value = b"\xc3\x01" + rng.randbytes(8) + b"x"
+            elif kind == 2:
+                value = loose.encode("Trade", dict(trade_id=f"b{n}", account=f"bad{n % 50}",
+                                                   instrument="BTC-55000-P", quantity=-1.0,
+                                                   price=-1.0, fee=0.0, ts=T0))
+            else:
+                value = loose.encode("Trade", dict(trade_id=f"b{n}", account=f"bad{n % 50}",
+                                                   instrument="NOPE", quantity=1.0, price=1.0,
+                                                   fee=0.0, ts=T0))
+            pub.raw("trades", f"bad{n % 50}".encode(), value)
+            if n % 100 == 0:
+                pub.trade(f"g{n}", "good", "BTC-55000-P", -0.1, put, ts=T0)
+                good += 1
+        pub.flush()
+        dlq = TopicReader(settings, "dead-letters")
+        got = dlq.wait(lambda r: len(r) >= 10_000, timeout=180)
+        dlq.poll(1.0)
+        dlq.close()
+        assert len(got) == 10_000
+        assert all(d["reason"] for d in got)
+        kinds = {d["error_type"] for d in got}
+        assert {"OutOfDomain", "UnknownInstrument"} <= kinds and kinds & {
+            "CorruptPayload", "UnknownFingerprint"}
+        cl = ChangelogReader(settings)
+        rec = cl.wait_applied("good", settings.topic("trades"), 0)
+        deadline = __import__("time").time() + 60
+        while __import__("time").time() < deadline:
+            pos = dict((i, q) for i, q, _ in cl.poll()["good"]["pos"])
+            if abs(pos.get("BTC-55000-P", 0) + 0.1 * good) < 1e-9:
+                break
+        cl.close()
+        assert abs(pos.get("BTC-55000-P", 0) + 0.1 * good) < 1e-9, (pos, good, rec)
+        assert w.proc.poll() is None
+    finally:
+        w.stop()

@@ -20,12 +20,12 @@ def store_settings(tmp_path):
 def test_migrations_twice_are_a_noop(store_settings):
     with open_store(store_settings) as st:
         first = st.migrate()
-        assert [m.split(":")[0] for m in first] == ["1", "2"]
+        assert [m.split(":")[0] for m in first] == ["1", "2", "3"]
         assert st.migrate() == []
         tables = {r[0] for r in st.query("SHOW TABLES FROM riskpipe").result_rows}
         assert {"risk_snapshots", "margin_events", "account_latest", "exposures", "stress",
                 "exchange_stress", "schema_migrations"} <= tables
-        assert st.query("SELECT count() FROM riskpipe.schema_migrations").result_rows == [(2,)]
+        assert st.query("SELECT count() FROM riskpipe.schema_migrations").result_rows == [(3,)]
 
 
 def _snap(acct, equity, im, ts=TS, seq=0, state="HEALTHY"):
@@ -71,3 +71,34 @@ def test_dsn_password_is_redacted():
     s = Settings(clickhouse_dsn="https://ops:s3cret@ch.example:8443/risk")
     assert "s3cret" not in s.clickhouse_dsn_redacted and "ops:***@" in s.clickhouse_dsn_redacted
     assert Store.__init__  # the http path uses the same Store class (no server here)
+
+
+def test_scenario_pnl_rows_from_the_processor_match_the_engine(store_settings):
+    """The optional per-account scenario P&L: rows built by the processor land in the table
+    and equal the engine's scenario P&L."""
+    from streams.store import snapshot_rows
+    from tests.pipeline.workload import INSTRUMENTS, T0 as W0, quotes
+    from streams.processor import RiskProcessor
+    proc = RiskProcessor()
+    for i in INSTRUMENTS:
+        proc.apply_instrument(i)
+    for q in quotes():
+        proc.apply_quote(q)
+    proc.apply_account_events([
+        ("CollateralChange", dict(account="a", asset="USD", amount=50_000.0, ts=W0), "c", 0, 0),
+        ("Trade", dict(account="a", instrument="BTC-55000-P", quantity=-3.0, price=100.0,
+                       fee=0.0, ts=W0), "t", 0, 0)])
+    per = {}
+    stress = proc.stress("w", per)
+    n_scen = proc.risk_set().weight.shape[1]
+    assert len(per["account"]) == n_scen and len(stress) == n_scen
+    res = proc.book.margin(proc.risk_set(), scenario_pnl=True)
+    assert per["pnl"] == res.scenario_pnl[0, 0].tolist()
+    rows = snapshot_rows({"scenario_pnl": {**per, "ts": [int(TS.timestamp() * 1000)] *
+                                            len(per["ts"])}})["scenario_pnl"]
+    st = Store(store_settings)
+    st.migrate()
+    asyncio.run(ClickHouseSink(store_settings, store=st).write("scenario_pnl", rows, "x"))
+    got = st.query("SELECT min(pnl), count() FROM riskpipe.scenario_pnl FINAL").result_rows
+    assert got == [(min(per["pnl"]), n_scen)]
+    st.close()
