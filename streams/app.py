@@ -136,8 +136,15 @@ class Pipeline:
             async for batch in stream.take_events(s.batch_max, within=s.batch_within_s):
                 t0 = time.perf_counter()
                 self.timings["wait"] += t0 - t_end
-                async with self.work_lock:
-                    await self.handle_account_batch(batch)
+                try:
+                    async with self.work_lock:
+                        await self.handle_account_batch(batch)
+                except Exception as exc:  # noqa: BLE001
+                    # never let Faust's supervisor restart the agent past a half-done batch:
+                    # stop the worker, so it restarts from the committed offsets
+                    log.exception("unexpected error in a batch; stopping the worker")
+                    await app.crash(exc)
+                    return
                 t_end = time.perf_counter()
                 self.timings["process"] += t_end - t0
 

@@ -46,11 +46,16 @@ def bench_pipeline(events: int = typer.Option(200_000, help="input events for th
 
 
 def _settings(**overrides):
+    from pydantic import ValidationError
     from .settings import load_settings
     try:
         return load_settings(**overrides)
+    except ValidationError as e:
+        parts = [f"RISKPIPE_{'_'.join(map(str, err['loc'])).upper()}: {err['msg']}"
+                 f" (got {err.get('input')!r})" for err in e.errors()]
+        raise UserError("invalid setting " + "; ".join(parts)) from None
     except ValueError as e:
-        raise UserError(str(e).splitlines()[0] if "\n" not in str(e) else str(e)) from None
+        raise UserError(str(e).splitlines()[0]) from None
 
 
 def _logging(level: str = "INFO"):

@@ -37,7 +37,10 @@ class Settings(BaseSettings):
     # Worker
     app_id: str = Field("riskpipe", description="consumer group / Faust app id")
     data_dir: Path = Field(REPO / ".riskpipe", description="local state, logs, embedded DB")
-    store: str = Field("memory://", description="Faust table store: memory:// or rocksdb://")
+    store: Literal["memory://"] = Field(
+        "memory://", description="Faust table store. Only memory:// for now: account records "
+        "are also written from market ticks (outside an agent event), which Faust's RocksDB "
+        "store does not allow; durability comes from the changelog either way")
     web_port: int = Field(6066, description="worker web port (metrics, SQL endpoint)")
     web_host: str = "127.0.0.1"
     batch_max: int = Field(2000, ge=1, description="max events per micro-batch")
