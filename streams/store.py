@@ -328,11 +328,26 @@ def dedup_token(table: str, rows) -> str:
     return h.hexdigest()
 
 
+# ClickHouse server error codes that mean "this data is wrong" (retrying cannot help):
+# CANNOT_PARSE_*, TYPE_MISMATCH, ILLEGAL_*, ARGUMENT_OUT_OF_BOUND, TOO_LARGE_STRING_SIZE, ...
+_BAD_DATA_CODES = {6, 26, 27, 32, 38, 41, 53, 69, 70, 72, 117, 131, 190, 246, 321, 349}
+
+
 def _is_bad_data(e: Exception) -> bool:
+    """True for errors caused by the rows themselves (dead-letter them), False for transient
+    ones (connection, server busy, timeouts: retry with backoff)."""
+    import re
+    import struct
+    from clickhouse_connect.driver.exceptions import DataError, OperationalError
+    if isinstance(e, OperationalError):
+        return False
+    if isinstance(e, (DataError, ValueError, TypeError, OverflowError, struct.error)):
+        return True
     code = getattr(e, "code", None)
-    text = str(e)
-    return code in (27, 53, 69, 70, 72, 117, 6, 38) or "Cannot parse" in text or \
-        "TYPE_MISMATCH" in text
+    if code is None:
+        m = re.search(r"Code: (\d+)", str(e))
+        code = int(m.group(1)) if m else None
+    return code in _BAD_DATA_CODES
 
 
 def _short(e: Exception) -> str:

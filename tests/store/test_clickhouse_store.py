@@ -102,3 +102,25 @@ def test_scenario_pnl_rows_from_the_processor_match_the_engine(store_settings):
     got = st.query("SELECT min(pnl), count() FROM riskpipe.scenario_pnl FINAL").result_rows
     assert got == [(min(per["pnl"]), n_scen)]
     st.close()
+
+
+def test_rows_the_server_rejects_go_to_the_rejection_handler(store_settings):
+    """A bad row in a batch: the good rows are stored, the bad one is handed over (the worker
+    dead-letters it) with the server's error."""
+    st = Store(store_settings)
+    st.migrate()
+    rejected = []
+
+    async def on_rejected(table, row, error):
+        rejected.append((table, row[0], error))
+
+    sink = ClickHouseSink(store_settings, store=st, on_rejected=on_rejected)
+    bad = _snap("bad", 100.0, 50.0)
+    bad[9] = 10**9  # worst_scenario is Int16 in the schema: out of range for the server
+    rows = [_snap("ok1", 100.0, 50.0), bad, _snap("ok2", 100.0, 50.0)]
+    asyncio.run(sink.write("risk_snapshots", rows, "bad-batch"))
+    stored = {r[0] for r in st.query("SELECT account FROM riskpipe.risk_snapshots").result_rows}
+    st.close()
+    assert stored == {"ok1", "ok2"}
+    assert [(t, a) for t, a, _ in rejected] == [("risk_snapshots", "bad")]
+    assert rejected[0][2]
