@@ -128,7 +128,6 @@ class Pipeline:
         self.account_topic = app.topic(s.topic("trades"), s.topic("collateral"),
                                        partitions=s.partitions, **raw)
         self.margin_topic = app.topic(s.topic("margin-calls"), partitions=s.partitions, **raw)
-        self.dlq_topic = app.topic(s.topic("dead-letters"), partitions=1, **raw)
 
         @app.agent(self.account_topic, concurrency=1, name="accounts")
         async def accounts(stream):
@@ -326,8 +325,9 @@ class Pipeline:
             await self.catch_up_reference()
         out = self.processor.apply_account_events(decoded)
         out.rejected = rejected + out.rejected
-        await self.emit(out, {(m.topic, m.partition, m.offset): m for m in
-                              (ev.message for ev in batch)})
+        messages = {(ev.message.topic, ev.message.partition, ev.message.offset): ev.message
+                    for ev in batch} if out.rejected else None  # only to dead-letter bytes
+        await self.emit(out, messages)
         now = time.time()
         for _, rec, topic, _, _ in decoded:
             self.events_by_topic[topic] = self.events_by_topic.get(topic, 0) + 1
@@ -348,28 +348,20 @@ class Pipeline:
             if await self.persist(out.touched | {e["account"] for e in out.events}) and \
                     out.events:
                 await self.app.producer.flush()  # records durable before their events go out
-        futs = []
         margin_topic = self.s.topic("margin-calls")
         for evt in out.events:
             await self._send(margin_topic, evt["account"].encode(),
                              self.codec.encode("MarginEvent", evt))
         for r in out.rejected:
-            m = (messages or {}).get((r.topic, r.partition, r.offset))
-            futs.append(await self.dlq_topic.send(
-                key=r.topic.encode(),
-                value=self.codec.encode("DeadLetter", dead_letter(r, m))))
-            log.warning("dead letter %s[%d]@%d: %s: %s", r.topic, r.partition, r.offset,
-                        r.error_type, r.reason)
+            await self._dead_letter(r, (messages or {}).get((r.topic, r.partition, r.offset)))
         if self.sink is not None and (n_rows(out.snapshots) or out.stress):
-            futs += await self._send_snapshots(out)
+            await self._send_snapshots(out)
         self.metrics["margin_events"] += len(out.events)
-        self.metrics["dead_letters"] += len(out.rejected)
         # one flush for the whole unit of work: every record above is acknowledged before the
         # batch's input offsets can be committed (cheaper than awaiting each send's future)
         t0 = time.perf_counter()
         await self.app.producer.flush()
         self.timings["flush"] += time.perf_counter() - t0
-        del futs
         sent = {e["event_id"] for e in out.events}
         for acct in {e["account"] for e in out.events}:  # delivered: drop from the outbox
             left = [e for e in proc.outbox.get(acct, []) if e["event_id"] not in sent]
@@ -378,18 +370,27 @@ class Pipeline:
             else:
                 proc.outbox.pop(acct, None)
 
-    async def _send_snapshots(self, out: Output, chunk: int = 2000) -> list:
+    async def _dead_letter(self, r: Rejected, m=None, value: bytes | None = None) -> None:
+        """Queue one DeadLetter (original bytes from ``m``, or ``value``); callers flush."""
+        rec = dead_letter(r, m)
+        if value is not None:
+            rec["value"] = value
+        await self._send(self.s.topic("dead-letters"), r.topic.encode(),
+                         self.codec.encode("DeadLetter", rec))
+        self.metrics["dead_letters"] += 1
+        log.warning("dead letter %s[%d]@%d: %s: %s", r.topic, r.partition, r.offset,
+                    r.error_type, r.reason)
+
+    async def _send_snapshots(self, out: Output, chunk: int = 2000) -> None:
         """Risk snapshots travel through the internal ``risk-snapshots`` topic to the sink
         agents, so ClickHouse inserts are driven (and deduplicated) by Kafka offsets. Rows are
         sent column-oriented in chunks (a market move over 100k accounts is ~50 messages)."""
-        futs = []
         for table, cols in (("risk_snapshots", out.snapshots), ("exposures", out.exposures)):
             await self._send_columns(table, cols, chunk)
         if out.stress:
             rows = [[_ms_of(r[0]), *r[1:]] for r in out.stress]
-            futs.append(await self.snapshot_topic.send(
-                key=self.worker_id.encode(), value=json.dumps({"stress": rows}).encode()))
-        return futs
+            await self._send(self.s.topic("risk-snapshots"), self.worker_id.encode(),
+                             json.dumps({"stress": rows}).encode())
 
     async def _send_columns(self, table: str, cols: dict, chunk: int) -> None:
         n = n_rows(cols)
@@ -399,17 +400,14 @@ class Pipeline:
                              json.dumps({table: part}).encode())
 
     async def sink_snapshot_batch(self, batch) -> None:
-        import json as _json
         from .store import snapshot_rows
         tables: dict[str, list] = {}
-        first = batch[0].message
         for ev in batch:
-            for t, rows in snapshot_rows(_json.loads(ev.value)).items():
+            for t, rows in snapshot_rows(json.loads(ev.value)).items():
                 tables.setdefault(t, []).extend(rows)
         src = _source(batch)
         for t, rows in tables.items():
             await self.sink.write(t, rows, src)
-        del first
 
     async def sink_event_batch(self, batch) -> None:
         from .store import event_row
@@ -423,13 +421,10 @@ class Pipeline:
         await self.sink.write("margin_events", rows, _source(batch))
 
     async def _sink_rejected(self, table, row, error) -> None:
-        import json as _json
-        value = _json.dumps([_jsonable(v) for v in row]).encode()
-        r = Rejected(f"clickhouse:{table}", -1, -1, "SinkRejected", error)
-        fut = await self.dlq_topic.send(key=r.topic.encode(), value=self.codec.encode(
-            "DeadLetter", {**dead_letter(r), "value": value, "partition": 0, "offset": -1}))
-        await fut
-        self.metrics["dead_letters"] += 1
+        value = json.dumps([_jsonable(v) for v in row]).encode()
+        await self._dead_letter(Rejected(f"clickhouse:{table}", 0, -1, "SinkRejected", error),
+                                value=value)
+        await self.app.producer.flush()
 
     def prometheus(self) -> str:
         """Prometheus text exposition of the worker's counters and gauges."""
@@ -543,13 +538,9 @@ class Pipeline:
                         rejected.append((Rejected(tp.topic, m.partition, m.offset,
                                                   type(e).__name__, str(e)), m))
         if rejected:
-            futs = []
             for r, m in rejected:
-                futs.append(await self.dlq_topic.send(
-                    key=r.topic.encode(), value=self.codec.encode("DeadLetter",
-                                                                  dead_letter(r, m))))
-            self.metrics["dead_letters"] += len(rejected)
-            await asyncio.gather(*futs)
+                await self._dead_letter(r, m)
+            await self.app.producer.flush()
         if affected:
             async with self.work_lock:
                 await self.sync()

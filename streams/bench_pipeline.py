@@ -77,9 +77,9 @@ def _workload(n_events, n_accounts, instruments, marks, seed=3):
     return out
 
 
-def _produce(settings, records, rate=None, stamp=False):
+def _produce(settings, records, rate=None):
     from .publish import Publisher
-    pub = Publisher(settings, linger_ms=20) if False else Publisher(settings)
+    pub = Publisher(settings)
     t0 = time.perf_counter()
     for n, (topic, key, value) in enumerate(records):
         pub.raw(topic, key, value)

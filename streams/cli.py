@@ -72,10 +72,7 @@ def init():
     s = _settings()
     for name, state in create_topics(s).items():
         typer.echo(f"topic {name}: {state}")
-    try:
-        from .store import open_store
-    except ImportError:
-        return
+    from .store import open_store
     with open_store(s) as st:
         for m in st.migrate():
             typer.echo(f"clickhouse migration {m}")
@@ -88,13 +85,8 @@ def worker(loglevel: str = typer.Option("info", help="log level")):
     from .topics import create_topics
     create_topics(s)
     from .app import create_app
-    sink = None
-    try:
-        from .store import make_sink
-        sink = make_sink(s)
-    except ImportError:
-        pass
-    pipe = create_app(s, sink=sink)
+    from .store import make_sink
+    pipe = create_app(s, sink=make_sink(s))
     from faust import Worker
     Worker(pipe.app, loglevel=loglevel, redirect_stdouts=False).execute_from_commandline()
 

@@ -1,6 +1,7 @@
 """Helpers for pipeline tests: real worker processes, publishing and collecting topics."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -76,6 +77,15 @@ class WorkerProcess:
         assert "Traceback" not in self.log() or "CancelledError" in self.log(), self.log()[-5000:]
 
 
+def _messages(consumer, seconds):
+    """Messages arriving on ``consumer`` within ``seconds``."""
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        m = consumer.poll(0.1)
+        if m is not None and not m.error():
+            yield m
+
+
 class TopicReader:
     """Reads a whole topic from the beginning, decoding Avro values."""
 
@@ -91,12 +101,7 @@ class TopicReader:
         self.records = []
 
     def poll(self, seconds=0.5):
-        deadline = time.time() + seconds
-        while time.time() < deadline:
-            m = self.c.poll(0.1)
-            if m is None or m.error():
-                continue
-            self.records.append(self.codec.decode(m.value())[1])
+        self.records += [self.codec.decode(m.value())[1] for m in _messages(self.c, seconds)]
         return self.records
 
     def wait(self, pred, timeout=60):
@@ -116,8 +121,6 @@ class ChangelogReader:
     """Reads the accounts table changelog (JSON values keyed by account)."""
 
     def __init__(self, settings):
-        import json
-        self._json = json
         self.topic = f"{settings.app_id}-accounts-changelog"
         self.c = Consumer({**settings.kafka_conf(), "group.id": f"cl-{os.urandom(6).hex()}",
                            "auto.offset.reset": "earliest", "enable.auto.commit": False})
@@ -125,12 +128,8 @@ class ChangelogReader:
         self.state: dict[str, dict] = {}
 
     def poll(self, seconds=0.3):
-        deadline = time.time() + seconds
-        while time.time() < deadline:
-            m = self.c.poll(0.1)
-            if m is None or m.error():
-                continue
-            self.state[m.key().decode()] = self._json.loads(m.value()) if m.value() else None
+        for m in _messages(self.c, seconds):
+            self.state[m.key().decode()] = json.loads(m.value()) if m.value() else None
         return self.state
 
     def wait_applied(self, account, topic, offset, timeout=60):
