@@ -4,7 +4,8 @@ reference data, outputs to margin-calls, dead-letters and the results sink.
 Design (see README "Architecture"):
 
 * ``accounts`` agent, concurrency 1 (faust #606), consumes trades + collateral (co-partitioned by
-  account) in micro-batches (``take_events``) and hands them to :class:`RiskProcessor`.
+  account) in micro-batches and hands them to :class:`RiskProcessor`. Faust's consumer delivers
+  these two topics in bulk (streams/feed.py) instead of one event at a time.
 * Account state lives in a changelog-backed Faust table ``accounts`` (one record per account).
   The engine's numpy account book is a cache of it, rebuilt after every rebalance. Table writes
   always name the account's partition explicitly, so market-driven updates (made outside an
@@ -31,6 +32,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 import engine as E
 from schemas import Codec, ConfluentCodec, SchemaError
 
+from .feed import install as install_feed
 from .processor import Output, Rejected, RiskProcessor, n_rows
 from .settings import Settings
 
@@ -129,15 +131,24 @@ class Pipeline:
                                        partitions=s.partitions, **raw)
         self.margin_topic = app.topic(s.topic("margin-calls"), partitions=s.partitions, **raw)
 
+        self.feed = install_feed(app, [s.topic("trades"), s.topic("collateral")])
+
         @app.agent(self.account_topic, concurrency=1, name="accounts")
         async def accounts(stream):
+            # subscribes the topics; their records arrive in bulk through the feed (see
+            # streams/feed.py), never one by one through this stream
+            stream.channel.__aiter__()
+            await self.ref_ready.wait()
             t_end = time.perf_counter()
-            async for batch in stream.take_events(s.batch_max, within=s.batch_within_s):
+            while True:
+                epoch, batch = await self.feed.take(s.batch_max)
                 t0 = time.perf_counter()
                 self.timings["wait"] += t0 - t_end
                 try:
                     async with self.work_lock:
-                        await self.handle_account_batch(batch)
+                        if epoch == self.feed.epoch:  # else revoked meanwhile: re-read later
+                            await self.handle_account_batch(batch)
+                            await app.consumer.ack_records(batch)
                 except Exception as exc:  # noqa: BLE001
                     # never let Faust's supervisor restart the agent past a half-done batch:
                     # stop the worker, so it restarts from the committed offsets
@@ -214,7 +225,12 @@ class Pipeline:
         self.needs_sync = True
 
     async def _on_revoke(self, sender, revoked, **kw):
+        """Drop fetched-but-unprocessed account records and let the batch in flight finish
+        (its outputs flushed) before the partitions change hands."""
         self.needs_sync = True
+        self.feed.revoke()
+        async with self.work_lock:
+            pass
 
     def owned_partitions(self) -> set[int]:
         try:
@@ -298,20 +314,20 @@ class Pipeline:
             await asyncio.sleep(0.01)
 
     async def handle_account_batch(self, batch) -> None:
-        if not self.ref_ready.is_set():
-            await self.ref_ready.wait()
+        """Decode, validate and apply one micro-batch of consumer records (anything with
+        topic, partition, offset, key and value), then emit its outputs."""
         await self.sync()
         decoded = []
         rejected: list[Rejected] = []
-        for ev in batch:
-            m = ev.message
+        trades = self.s.topic("trades")
+        for m in batch:
             try:
-                name, rec = self.codec.decode(ev.value)
-                expect = "Trade" if m.topic == self.s.topic("trades") else "CollateralChange"
+                name, rec = self.codec.decode(m.value)
+                expect = "Trade" if m.topic == trades else "CollateralChange"
                 if name != expect:
                     raise SchemaError(f"{name} record on {m.topic}, expected {expect}")
-                if ev.key is not None and ev.key != rec["account"].encode():
-                    raise SchemaError(f"key {ev.key!r} does not match account "
+                if m.key is not None and m.key != rec["account"].encode():
+                    raise SchemaError(f"key {m.key!r} does not match account "
                                       f"{rec['account']!r}: the record is on the wrong partition")
             except SchemaError as e:
                 rejected.append(Rejected(m.topic, m.partition, m.offset, type(e).__name__,
@@ -325,8 +341,8 @@ class Pipeline:
             await self.catch_up_reference()
         out = self.processor.apply_account_events(decoded)
         out.rejected = rejected + out.rejected
-        messages = {(ev.message.topic, ev.message.partition, ev.message.offset): ev.message
-                    for ev in batch} if out.rejected else None  # only to dead-letter bytes
+        messages = {(m.topic, m.partition, m.offset): m
+                    for m in batch} if out.rejected else None  # only to dead-letter bytes
         await self.emit(out, messages)
         now = time.time()
         for _, rec, topic, _, _ in decoded:

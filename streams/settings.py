@@ -43,8 +43,8 @@ class Settings(BaseSettings):
         "store does not allow; durability comes from the changelog either way")
     web_port: int = Field(6066, description="worker web port (metrics, SQL endpoint)")
     web_host: str = "127.0.0.1"
-    batch_max: int = Field(2000, ge=1, description="max events per micro-batch")
-    batch_within_s: float = Field(0.05, gt=0, description="max wait to fill a micro-batch")
+    batch_max: int = Field(2000, ge=1, description="max account events per micro-batch "
+                           "(a batch takes what has arrived, without waiting to fill)")
     coalesce_ms: int = Field(100, ge=0, description="max staleness of coalesced quotes")
     snapshot_interval_ms: int = Field(1000, ge=0, description="min ms between risk snapshots "
                                       "of one account")
