@@ -27,6 +27,7 @@ import time
 from datetime import datetime, timezone
 
 import faust
+import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 import engine as E
@@ -95,6 +96,7 @@ class Pipeline:
                                       "ClickHouse insert time per batch",
                                       (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5))
         self.needs_sync = True
+        self.stopping = False
         self.ref_ready = asyncio.Event()
         self._bc_consumer = None
         # one unit of work at a time (an agent batch, a market tick, a parameter change), so
@@ -146,9 +148,11 @@ class Pipeline:
                 self.timings["wait"] += t0 - t_end
                 try:
                     async with self.work_lock:
+                        if self.stopping:
+                            return
                         if epoch == self.feed.epoch:  # else revoked meanwhile: re-read later
                             await self.handle_account_batch(batch)
-                            await app.consumer.ack_records(batch)
+                            app.consumer.ack_records(batch)
                 except Exception as exc:  # noqa: BLE001
                     # never let Faust's supervisor restart the agent past a half-done batch:
                     # stop the worker, so it restarts from the committed offsets
@@ -216,6 +220,7 @@ class Pipeline:
             async def metrics(web, request):
                 return web.text(self.prometheus(), content_type="text/plain")
 
+        app.on_before_shutdown.connect(self._on_shutdown)
         app.on_partitions_assigned.connect(self._on_assign)
         app.on_partitions_revoked.connect(self._on_revoke)
         self.accounts_agent = accounts
@@ -231,6 +236,18 @@ class Pipeline:
         self.feed.revoke()
         async with self.work_lock:
             pass
+
+    async def _on_shutdown(self, sender, **kw):
+        """Graceful stop (SIGTERM): Faust has stopped fetching; let the batch in flight finish
+        and commit its offsets, so a restart does not redo it. (A crash or kill -9 skips this
+        and the restart replays from the last commit, which is harmless, only slower.)"""
+        self.feed.revoke()
+        async with self.work_lock:
+            self.stopping = True
+        try:
+            await self.app.consumer.commit()
+        except Exception as exc:  # noqa: BLE001 - the offsets are committed by the next owner
+            log.warning("final offset commit failed: %s", exc)
 
     def owned_partitions(self) -> set[int]:
         try:
@@ -253,7 +270,7 @@ class Pipeline:
         for key, rec in self.table.data.items():
             acct = key.decode() if isinstance(key, bytes) else key
             if isinstance(rec, (bytes, str)):
-                rec = json.loads(rec)
+                rec = orjson.loads(rec)
             if rec is None or rec.get("p", -1) not in owned:
                 continue
             keep.append(acct)
@@ -281,7 +298,7 @@ class Pipeline:
         send waits on the event loop (the worker then idles in ``select``)."""
         proc = self.processor
         n = 0
-        dumps = json.dumps
+        dumps = orjson.dumps
         send = self.app.producer.send
         topic = self.table.changelog_topic.get_topic_name()
         for a in accts:
@@ -291,7 +308,7 @@ class Pipeline:
                 continue
             key = a.encode()
             self.table.data[key] = rec
-            await send(topic, key, dumps(rec, separators=(",", ":")).encode(), p, None, None)
+            await send(topic, key, dumps(rec, option=orjson.OPT_SERIALIZE_NUMPY), p, None, None)
             n += 1
         return n
 
@@ -334,8 +351,6 @@ class Pipeline:
                                          str(e)))
                 continue
             decoded.append((name, rec, m.topic, m.partition, m.offset))
-        self.metrics["events_in"] += len(batch)
-        self.metrics["batches"] += 1
         uni = self.processor.universe
         if any(n == "Trade" and r["instrument"] not in uni for n, r, *_ in decoded):
             await self.catch_up_reference()
@@ -344,6 +359,9 @@ class Pipeline:
         messages = {(m.topic, m.partition, m.offset): m
                     for m in batch} if out.rejected else None  # only to dead-letter bytes
         await self.emit(out, messages)
+        # counted once the batch's outputs are acknowledged: "events in" means done
+        self.metrics["events_in"] += len(batch)
+        self.metrics["batches"] += 1
         now = time.time()
         for _, rec, topic, _, _ in decoded:
             self.events_by_topic[topic] = self.events_by_topic.get(topic, 0) + 1
@@ -406,20 +424,20 @@ class Pipeline:
         if out.stress:
             rows = [[_ms_of(r[0]), *r[1:]] for r in out.stress]
             await self._send(self.s.topic("risk-snapshots"), self.worker_id.encode(),
-                             json.dumps({"stress": rows}).encode())
+                             orjson.dumps({"stress": rows}, option=orjson.OPT_SERIALIZE_NUMPY))
 
     async def _send_columns(self, table: str, cols: dict, chunk: int) -> None:
         n = n_rows(cols)
         for lo in range(0, n, chunk):
             part = {k: v[lo:lo + chunk] for k, v in cols.items()}
             await self._send(self.s.topic("risk-snapshots"), part["account"][0].encode(),
-                             json.dumps({table: part}).encode())
+                             orjson.dumps({table: part}, option=orjson.OPT_SERIALIZE_NUMPY))
 
     async def sink_snapshot_batch(self, batch) -> None:
         from .store import snapshot_rows
         tables: dict[str, list] = {}
         for ev in batch:
-            for t, rows in snapshot_rows(json.loads(ev.value)).items():
+            for t, rows in snapshot_rows(orjson.loads(ev.value)).items():
                 tables.setdefault(t, []).extend(rows)
         src = _source(batch)
         for t, rows in tables.items():

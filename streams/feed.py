@@ -118,6 +118,7 @@ class BatchConsumer(faust_aiokafka.Consumer):
                         self.app.monitor.track_tp_end_offset(tp, self.highwater(tp))
                     if bulk:
                         await feed.put(epoch, bulk)
+
         # everything else: Faust's per-record path, exactly as its own getmany
         to_message = self._to_message
         for tp, record in self.scheduler.iterate(records):
@@ -138,9 +139,10 @@ class BatchConsumer(faust_aiokafka.Consumer):
             prev = off
         self._read_offset[tp] = prev
 
-    async def ack_records(self, records) -> None:
+    def ack_records(self, records) -> None:
         """Mark processed records as acked in Faust's commit bookkeeping (``Consumer.ack``
-        for a whole batch), then commit if ``broker_commit_every`` is reached."""
+        for a whole batch). Faust's commit timer (``broker_commit_interval``) commits them;
+        committing from here, inside the agent, stalls the agent."""
         by_tp: dict = {}
         for r in records:
             by_tp.setdefault((r.topic, r.partition), []).append(r.offset)
@@ -154,10 +156,6 @@ class BatchConsumer(faust_aiokafka.Consumer):
             self._acked[tp].extend(new)
             self._n_acked += len(new)
         notify(self._waiting_for_ack)
-        every = self._commit_every
-        if every is not None and self._n_acked >= every:
-            self._n_acked = 0
-            await self.commit()
 
 
 class BatchTransport(faust_aiokafka.Transport):
