@@ -7,6 +7,7 @@ is rebuilt with twice the capacity (amortised O(1)).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -99,7 +100,7 @@ class AccountBook:
         """Set one position (or balance) of an account; a zero position frees its slot."""
         i = self.universe.row(instrument)
         check_quantity(qty, instrument)
-        if not np.isfinite(cost):
+        if not math.isfinite(cost):
             raise InvalidQuantity(f"cost {cost!r} of {instrument} is not finite", field="cost",
                                   value=cost, instrument=instrument)
         r = self.row(account)
@@ -159,15 +160,18 @@ class AccountBook:
         Premium-paid instruments (spot, options) move the settlement balance by qty x price x
         multiplier; futures and perpetuals keep an average cost and realise P&L when reduced.
         """
+        # scalar math on Python floats (math.*, comparisons): numpy's ufuncs on scalars cost
+        # a microsecond each, and this runs once per trade
         inst = self.universe.instruments[self.universe.row(instrument)]
         q = check_quantity(qty, instrument)
         if q == 0.0:
             raise InvalidQuantity(f"trade quantity for {instrument} is zero", field="quantity",
                                   value=qty, instrument=instrument)
-        if not (np.isfinite(price) and price > 0):
+        price, fee = float(price), float(fee)
+        if not (math.isfinite(price) and price > 0):
             raise InvalidPrice(f"trade price for {instrument} must be > 0, got {price!r}",
                                field="price", value=price, instrument=instrument)
-        if not np.isfinite(fee):
+        if not math.isfinite(fee):
             raise InvalidParameter(f"fee {fee!r} is not finite", field="fee", value=fee)
         settle = inst.settle_asset if inst.kind != Kind.SPOT else "USD"
         Q, C = self.get(account, instrument)
@@ -178,10 +182,10 @@ class AccountBook:
         else:
             v = -inst.multiplier / price if inst.settlement == Settlement.INVERSE \
                 else inst.multiplier * price
-            if Q == 0.0 or np.sign(q) == np.sign(Q):
+            if Q == 0.0 or (q > 0) == (Q > 0):
                 Q, C = Q + q, C + q * v
             else:
-                closing = np.sign(q) * min(abs(q), abs(Q))
+                closing = math.copysign(min(abs(q), abs(Q)), q)
                 avg = C / Q
                 realised = -closing * (v - avg)
                 Q, C = Q + closing, C + closing * avg

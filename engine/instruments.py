@@ -8,6 +8,7 @@ Stablecoins are spot rows with no underlying (``und == -1``): valued at 1, never
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from enum import IntEnum
 
@@ -193,7 +194,7 @@ class UniverseArrays:
 
 def check_quantity(qty: float, instrument: str = "") -> float:
     q = float(qty)
-    if not np.isfinite(q) or abs(q) > MAX_ABS_QUANTITY:
+    if not math.isfinite(q) or abs(q) > MAX_ABS_QUANTITY:
         raise InvalidQuantity(f"quantity {qty!r} for {instrument or 'position'} is not finite or "
                               f"exceeds {MAX_ABS_QUANTITY:g}", field="quantity", value=qty,
                               instrument=instrument or None)
