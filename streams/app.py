@@ -89,6 +89,10 @@ class Pipeline:
         # seconds spent per stage (for the benchmark's breakdown and ops dashboards)
         self.timings = {"process": 0.0, "flush": 0.0, "wait": 0.0}
         self.events_by_topic: dict[str, int] = {}
+        self.gc_seconds = [0.0, 0.0, 0.0]  # per generation: collector pauses stall the loop
+        self._gc_t0 = 0.0
+        import gc
+        gc.callbacks.append(self._gc_callback)
         self.latency = Histogram("riskpipe_event_to_output_seconds",
                                  "event time of an input record to its outputs acknowledged",
                                  (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
@@ -189,6 +193,10 @@ class Pipeline:
                         await self.app.producer.flush()
 
         if self.sink is not None:
+            @app.task
+            async def open_sink():
+                await self.sink.open()
+
             @app.agent(self.snapshot_topic, concurrency=1, name="sink-snapshots")
             async def sink_snapshots(stream):
                 async for batch in stream.take_events(s.sink_batch_rows,
@@ -434,11 +442,8 @@ class Pipeline:
                              orjson.dumps({table: part}, option=orjson.OPT_SERIALIZE_NUMPY))
 
     async def sink_snapshot_batch(self, batch) -> None:
-        from .store import snapshot_rows
-        tables: dict[str, list] = {}
-        for ev in batch:
-            for t, rows in snapshot_rows(orjson.loads(ev.value)).items():
-                tables.setdefault(t, []).extend(rows)
+        from .store import snapshot_columns
+        tables = snapshot_columns(orjson.loads(ev.value) for ev in batch)
         src = _source(batch)
         for t, rows in tables.items():
             await self.sink.write(t, rows, src)
@@ -460,6 +465,12 @@ class Pipeline:
                                 value=value)
         await self.app.producer.flush()
 
+    def _gc_callback(self, phase, info) -> None:
+        if phase == "start":
+            self._gc_t0 = time.perf_counter()
+        else:
+            self.gc_seconds[info["generation"]] += time.perf_counter() - self._gc_t0
+
     def prometheus(self) -> str:
         """Prometheus text exposition of the worker's counters and gauges."""
         lines = []
@@ -471,6 +482,9 @@ class Pipeline:
         states = {}
         for st in self.processor.state.values():
             states[st] = states.get(st, 0) + 1
+        lines.append("# TYPE riskpipe_gc_seconds_total counter")
+        for g, v in enumerate(self.gc_seconds):
+            lines.append(f'riskpipe_gc_seconds_total{{generation="{g}"}} {v:.3f}')
         lines.append("# TYPE riskpipe_accounts gauge")
         from .processor import STATE_NAMES
         for i, name in enumerate(STATE_NAMES):

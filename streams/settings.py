@@ -61,6 +61,10 @@ class Settings(BaseSettings):
     sink_batch_ms: int = Field(1000, ge=1)
     snapshot_ttl_days: int = Field(90, ge=1)
     scenario_pnl: bool = Field(False, description="store per-scenario P&L per account")
+    fault_clickhouse_down_file: Path | None = Field(
+        None, description="fault drill: while this file exists the sink treats ClickHouse as "
+        "unreachable (inserts fail as a connection error and are retried), to rehearse an "
+        "outage without stopping the store")
 
     @model_validator(mode="after")
     def _defaults(self):

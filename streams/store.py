@@ -22,6 +22,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import clickhouse_connect
+import orjson
 
 from .settings import Settings
 
@@ -233,15 +234,45 @@ class ClickHouseSink:
             self.store.migrate()
         return self.store
 
+    async def open(self) -> None:
+        """Open the store and apply migrations at worker start rather than at the first insert,
+        so the first batch of a live stream does not pay for it (and clickhouse-connect's
+        lazy optional imports happen here too). Failure is only logged: inserts retry."""
+        def warm():
+            self._ensure()
+            from clickhouse_connect.driver import options
+            getattr(options, "pd", None)
+        try:
+            await self._call(warm)
+        except Exception as e:  # noqa: BLE001 - the write path retries with backoff
+            log.warning("ClickHouse not reachable at start (%s); inserts will retry", _short(e))
+
     async def _call(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
-    async def write(self, table: str, rows: list, source: str) -> None:
-        """Insert ``rows`` (lists in the table's column order) identified by ``source`` (topic,
-        partition and offset range); returns once they are stored or dead-lettered."""
-        if not rows:
+    async def write(self, table: str, rows: list | dict, source: str) -> None:
+        """Insert ``rows`` identified by ``source`` (topic, partition and offset range);
+        returns once they are stored or dead-lettered. ``rows`` is either a list of rows (lists
+        in the table's column order) or a dict of columns (``ts`` in epoch milliseconds), which
+        is sent as ``JSONColumns`` and parsed by ClickHouse itself: ~5x cheaper than building
+        the native format row by row in Python, which matters as the sink shares the worker's
+        interpreter with the account path."""
+        n = n_columns_rows(rows) if isinstance(rows, dict) else len(rows)
+        if not n:
             return
-        self.pending = len(rows)
+        if isinstance(rows, dict):
+            bad = invalid_rows(table, rows)
+            if bad:
+                all_rows = column_rows(table, rows)
+                for k, reason in sorted(bad.items()):
+                    if self.on_rejected:
+                        await self.on_rejected(table, all_rows[k], reason)
+                keep = [k for k in range(n) if k not in bad]
+                rows = {c: [v[k] for k in keep] for c, v in rows.items()}
+                n = len(keep)
+                if not n:
+                    return
+        self.pending = n
         delay = 0.2
         token = f"{table}|{source}"
         while True:
@@ -253,6 +284,8 @@ class ClickHouseSink:
                 break
             except Exception as e:  # noqa: BLE001 - classified below
                 if _is_bad_data(e):
+                    if isinstance(rows, dict):
+                        rows = column_rows(table, rows)
                     await self._row_by_row(table, rows, token)
                     break
                 self.retries += 1
@@ -265,8 +298,21 @@ class ClickHouseSink:
         self.pending = 0
 
     def _insert(self, table, rows, token) -> None:
+        drill = self.s.fault_clickhouse_down_file
+        if drill is not None and drill.exists():
+            from clickhouse_connect.driver.exceptions import OperationalError
+            raise OperationalError(f"ClickHouse unreachable (fault drill: {drill} exists)")
         st = self._ensure()
-        st.client.insert(f"{st.db}.{table}", rows, column_names=COLUMNS[table],
+        cols = COLUMNS[table]
+        if isinstance(rows, dict):
+            data = {c: rows[c] for c in cols}
+            data["ts"] = [v / 1000 for v in data["ts"]]  # seconds.millis: exact in JSON text
+            st.client.raw_insert(f"{st.db}.{table}", cols, orjson.dumps(data),
+                                 fmt="JSONColumns",
+                                 settings={"insert_deduplication_token": token})
+            self.inserted[table] += n_columns_rows(rows)
+            return
+        st.client.insert(f"{st.db}.{table}", rows, column_names=cols,
                          settings={"insert_deduplication_token": token})
         self.inserted[table] += len(rows)
 
@@ -292,18 +338,58 @@ COLUMNS = {"risk_snapshots": SNAPSHOT_COLS, "margin_events": EVENT_COLS,
            "scenario_pnl": SCENARIO_PNL_COLS}
 
 
-def snapshot_rows(msg: dict) -> dict[str, list]:
-    """Rows per table from one internal snapshot message: column-oriented JSON for snapshots
-    and exposures, row lists for stress (see Pipeline._send_snapshots)."""
-    out: dict[str, list] = {}
-    for table, data in msg.items():
-        cols = COLUMNS[table]
-        if isinstance(data, dict):
-            columns = [data[c] if c != "ts" else [_from_json("ts", v) for v in data[c]]
-                       for c in cols]
-            out[table] = [list(r) for r in zip(*columns)]
+# integer columns of the columnar tables and their ClickHouse ranges; every other numeric column
+# is Float64. JSON input parses leniently (an out-of-range integer wraps, a null becomes 0), so
+# columnar batches are checked here and offending rows dead-lettered with the reason.
+INT_RANGES = {"worst_scenario": (-2**15, 2**15 - 1), "params_version": (0, 2**64 - 1),
+              "seq": (0, 2**64 - 1), "scenario": (0, 2**16 - 1)}
+TEXT_COLUMNS = {"account", "state", "worst_underlying", "trigger", "underlying", "ts"}
+
+
+def invalid_rows(table: str, cols: dict) -> dict[int, str]:
+    """Row index -> reason, for values the table cannot hold faithfully (vectorised)."""
+    import numpy as np
+    bad: dict[int, str] = {}
+    for c in COLUMNS[table]:
+        if c in TEXT_COLUMNS:
+            continue
+        a = np.asarray(cols[c], dtype=float)  # None -> nan
+        if c in INT_RANGES:
+            lo, hi = INT_RANGES[c]
+            ok = (a >= lo) & (a <= hi) & (a == np.floor(a))
+            what = f"outside {c}'s range [{lo}, {hi}]"
         else:
-            out[table] = [[_from_json(c, r[i]) for i, c in enumerate(cols)] for r in data]
+            ok = np.isfinite(a)
+            what = f"non-finite {c}"
+        for k in np.flatnonzero(~ok).tolist():
+            bad.setdefault(k, f"{what}: {cols[c][k]!r}")
+    return bad
+
+
+def n_columns_rows(cols: dict) -> int:
+    return len(next(iter(cols.values()))) if cols else 0
+
+
+def column_rows(table: str, cols: dict) -> list[list]:
+    """Rows (table column order, ``ts`` as datetimes) of a dict of columns."""
+    return [[_from_json(c, v) for c, v in zip(COLUMNS[table], r)]
+            for r in zip(*(cols[c] for c in COLUMNS[table]))]
+
+
+def snapshot_columns(msgs) -> dict[str, dict | list]:
+    """Merge internal snapshot messages into one dict of columns per columnar table (risk
+    snapshots, exposures, scenario P&L) and one row list for stress."""
+    out: dict = {}
+    for msg in msgs:
+        for table, data in msg.items():
+            if isinstance(data, dict):
+                cols = out.setdefault(table, {c: [] for c in COLUMNS[table]})
+                for c in cols:
+                    cols[c].extend(data[c])
+            else:
+                cols = COLUMNS[table]
+                out.setdefault(table, []).extend(
+                    [_from_json(c, r[i]) for i, c in enumerate(cols)] for r in data)
     return out
 
 

@@ -33,8 +33,8 @@ class WorkerProcess:
                         RISKPIPE_CLICKHOUSE_DSN=settings.clickhouse_dsn.replace(
                             "clickhouse", f"clickhouse-{name}")
                         if settings.clickhouse_dsn.startswith("chdb") else
-                        settings.clickhouse_dsn,
-                        **(extra_env or {}))
+                        settings.clickhouse_dsn)
+        self.env.update(extra_env or {})
         self.env.pop("RISKPIPE_TEST_KAFKA", None)
         self.proc = None
 

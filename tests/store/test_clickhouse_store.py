@@ -76,7 +76,7 @@ def test_dsn_password_is_redacted():
 def test_scenario_pnl_rows_from_the_processor_match_the_engine(store_settings):
     """The optional per-account scenario P&L: rows built by the processor land in the table
     and equal the engine's scenario P&L."""
-    from streams.store import snapshot_rows
+    from streams.store import snapshot_columns
     from tests.pipeline.workload import INSTRUMENTS, T0 as W0, quotes
     from streams.processor import RiskProcessor
     proc = RiskProcessor()
@@ -94,8 +94,8 @@ def test_scenario_pnl_rows_from_the_processor_match_the_engine(store_settings):
     assert len(per["account"]) == n_scen and len(stress) == n_scen
     res = proc.book.margin(proc.risk_set(), scenario_pnl=True)
     assert per["pnl"] == res.scenario_pnl[0, 0].tolist()
-    rows = snapshot_rows({"scenario_pnl": {**per, "ts": [int(TS.timestamp() * 1000)] *
-                                            len(per["ts"])}})["scenario_pnl"]
+    rows = snapshot_columns([{"scenario_pnl": {**per, "ts": [int(TS.timestamp() * 1000)] *
+                                                len(per["ts"])}}])["scenario_pnl"]
     st = Store(store_settings)
     st.migrate()
     asyncio.run(ClickHouseSink(store_settings, store=st).write("scenario_pnl", rows, "x"))
@@ -124,3 +124,30 @@ def test_rows_the_server_rejects_go_to_the_rejection_handler(store_settings):
     assert stored == {"ok1", "ok2"}
     assert [(t, a) for t, a, _ in rejected] == [("risk_snapshots", "bad")]
     assert rejected[0][2]
+
+
+def test_columnar_batches_keep_millisecond_times_and_reject_bad_rows(store_settings):
+    """Snapshot columns go in as JSONColumns: event times keep their milliseconds, and rows the
+    server refuses (a non-finite figure, an out-of-range field) are handed over one by one
+    while the rest of the batch is stored."""
+    from streams.store import COLUMNS
+    st = Store(store_settings)
+    st.migrate()
+    rejected = []
+
+    async def on_rejected(table, row, error):
+        rejected.append((row[0], error))
+
+    rows = [_snap("ok1", 100.0, 50.0), _snap("nan", float("nan"), 50.0),
+            _snap("big", 100.0, 50.0), _snap("ok2", 100.0, 50.0)]
+    rows[2][9] = 10**9
+    cols = {c: [r[k] for r in rows] for k, c in enumerate(COLUMNS["risk_snapshots"])}
+    ms = [int(TS.timestamp() * 1000) + k for k in (1, 2, 3, 999)]
+    cols["ts"] = ms
+    sink = ClickHouseSink(store_settings, store=st, on_rejected=on_rejected)
+    asyncio.run(sink.write("risk_snapshots", cols, "cols-batch"))
+    got = st.query("SELECT account, toUnixTimestamp64Milli(ts) FROM riskpipe.risk_snapshots "
+                   "ORDER BY account").result_rows
+    st.close()
+    assert got == [("ok1", ms[0]), ("ok2", ms[3])]
+    assert sorted(a for a, _ in rejected) == ["big", "nan"] and all(e for _, e in rejected)
