@@ -124,7 +124,7 @@ class Pipeline:
             topic_partitions=s.partitions, topic_replication_factor=s.replication_factor,
             processing_guarantee="at_least_once", consumer_auto_offset_reset="earliest",
             broker_commit_interval=1.0, broker_commit_every=10_000,
-            stream_buffer_maxsize=max(65536, 4 * s.batch_max), stream_wait_empty=False,
+            stream_buffer_maxsize=s.sink_buffer, stream_wait_empty=False,
             web_enabled=s.web_port > 0, web_port=max(s.web_port, 1), web_bind=s.web_host,
             producer_acks=-1, producer_linger_ms=2, table_standby_replicas=0,
             topic_allow_declare=True, key_serializer="raw", value_serializer="raw", **kw)
@@ -500,6 +500,7 @@ class Pipeline:
                 lines.append(f'riskpipe_sink_rows_total{{table="{t}"}} {n}')
             lines.append(f"riskpipe_sink_pending_rows {self.sink.pending}")
             lines.append(f"riskpipe_sink_retries_total {self.sink.retries}")
+            lines.append(f"riskpipe_sink_up {0 if self.sink.down else 1}")
         return "\n".join(lines) + "\n"
 
     # -- broadcast reader -----------------------------------------------------------------------

@@ -224,6 +224,7 @@ class ClickHouseSink:
         self.on_batch = None  # callable(seconds) per inserted batch (metrics)
         self.retries = 0
         self.pending = 0
+        self.down = False
         # chDB is in-process: keep every call to it on one thread
         from concurrent.futures import ThreadPoolExecutor
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clickhouse")
@@ -281,6 +282,9 @@ class ClickHouseSink:
                 await self._call(self._insert, table, rows, token)
                 if self.on_batch is not None:
                     self.on_batch(time.perf_counter() - t0)
+                if self.down:
+                    self.down = False
+                    log.info("ClickHouse inserts succeed again")
                 break
             except Exception as e:  # noqa: BLE001 - classified below
                 if _is_bad_data(e):
@@ -289,6 +293,7 @@ class ClickHouseSink:
                     await self._row_by_row(table, rows, token)
                     break
                 self.retries += 1
+                self.down = True
                 log.warning("ClickHouse insert into %s failed (%s); retrying in %.1fs with the "
                             "same deduplication token", table, _short(e), delay)
                 self.store = None if not self.s.clickhouse_dsn.startswith("chdb") else \

@@ -93,8 +93,11 @@ def test_clickhouse_down_30s_margin_events_flow_then_sink_catches_up(settings, t
     down = tmp_path / "clickhouse-down"
     port = _free_port()
     publish_reference(Publisher(settings))
+    # a small sink buffer: the outage's records outnumber it, and margin events must still flow
+    # (a full buffer stops fetching for its own partition only)
     w = WorkerProcess(settings, extra_env={"RISKPIPE_FAULT_CLICKHOUSE_DOWN_FILE": str(down),
-                                           "RISKPIPE_WEB_PORT": str(port)}).start()
+                                           "RISKPIPE_WEB_PORT": str(port),
+                                           "RISKPIPE_SINK_BUFFER": "64"}).start()
     db_events = "SELECT count() FROM riskpipe.margin_events"
     try:
         _publish(settings, deposits)
@@ -118,7 +121,7 @@ def test_clickhouse_down_30s_margin_events_flow_then_sink_catches_up(settings, t
             assert _sql(port, db_events)[0][0] == stored_at_start  # nothing gets in
             time.sleep(1.0)
         retries = _metric(port, "riskpipe_sink_retries_total")
-        assert retries and retries > 0
+        assert retries and retries > 0 and _metric(port, "riskpipe_sink_up") == 0
 
         # recovery: the sink's next retry succeeds and it drains what Kafka kept
         down.unlink()
