@@ -32,5 +32,32 @@ __all__ = [
     "LiquidationPlan", "MarginSummary", "liquidation_plan", "what_if", "MarginResult",
     "run_margin", "Market", "RiskSet", "risk_arrays", "RiskParams", "StateThresholds",
     "UnderlyingParams", "option_greeks", "ScenarioGrid", "deribit", "preset", "span16",
-    "MarginState", "classify",
+    "MarginState", "classify", "warm_up",
 ]
+
+
+def warm_up() -> None:
+    """Load (or compile) every kernel variant once, on a two-instrument book: serial and
+    parallel margin, with and without scenario P&L, and the risk arrays. Numba loads each
+    compiled variant from its cache on first call (a few hundred ms); a long-running process
+    calls this at start so its first live events do not pay for it."""
+    import numpy as np
+    now_ms = 1_900_000_000_000
+    uni = Universe()
+    uni.add(Instrument("W-PERP", Kind.PERPETUAL, "W", multiplier=1.0))
+    uni.add(Instrument("W-C", Kind.CALL, "W", multiplier=1.0, strike=100.0,
+                       expiry_ms=now_ms + 30 * 86_400_000))
+    mkt = Market(uni)
+    mkt.set_index("W", 100.0)
+    mkt.set_quote("W-PERP", 100.0)
+    mkt.set_quote("W-C", 5.0, iv=0.5)
+    book = AccountBook(uni)
+    for k in range(300):  # enough rows for the parallel variant
+        book.apply_collateral(f"a{k}", "USD", 1_000.0)
+        book.apply_trade(f"a{k}", "W-PERP" if k % 2 else "W-C", 1.0, 100.0)
+    rs = mkt.risk_set(now_ms)
+    rows = np.arange(len(book.ids), dtype=np.int64)
+    for parallel in (False, True):
+        for pnl in (False, True):
+            book.margin(rs, rows, parallel=parallel, scenario_pnl=pnl)
+    book.margin(rs, rows[:1])

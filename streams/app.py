@@ -34,6 +34,7 @@ import engine as E
 from schemas import Codec, ConfluentCodec, SchemaError
 
 from .feed import install as install_feed
+from .outputs import OutputProducer
 from .processor import Output, Rejected, RiskProcessor, n_rows
 from .settings import Settings
 
@@ -79,6 +80,7 @@ class Pipeline:
                               settings.liquidation_buffer),
             snapshot_interval_ms=settings.snapshot_interval_ms)
         self.sink = sink
+        self.out = OutputProducer(settings)
         if sink is not None:
             sink.on_rejected = self._sink_rejected
         self.worker_id = f"{settings.app_id}@{__import__('socket').gethostname()}:" \
@@ -155,8 +157,7 @@ class Pipeline:
                         if self.stopping:
                             return
                         if epoch == self.feed.epoch:  # else revoked meanwhile: re-read later
-                            await self.handle_account_batch(batch)
-                            app.consumer.ack_records(batch)
+                            await self.handle_account_batch(batch, epoch)
                 except Exception as exc:  # noqa: BLE001
                     # never let Faust's supervisor restart the agent past a half-done batch:
                     # stop the worker, so it restarts from the committed offsets
@@ -189,8 +190,8 @@ class Pipeline:
                     out = Output(stress=self.processor.stress(self.worker_id, per))
                     await self.emit(out)
                     if per:
-                        await self._send_columns("scenario_pnl", per, chunk=20_000)
-                        await self.app.producer.flush()
+                        self._send_columns("scenario_pnl", per, chunk=20_000)
+                        await self.out.flush()
 
         if self.sink is not None:
             @app.task
@@ -253,6 +254,7 @@ class Pipeline:
         async with self.work_lock:
             self.stopping = True
         try:
+            await self.out.flush(30)
             await self.app.consumer.commit()
         except Exception as exc:  # noqa: BLE001 - the offsets are committed by the next owner
             log.warning("final offset commit failed: %s", exc)
@@ -296,18 +298,20 @@ class Pipeline:
         if resend:
             await self.emit(Output(events=resend), resend_only=True)
 
-    async def persist(self, accts) -> int:
-        """Hand the accounts' records (JSON, encoded here once) to the producer for the
-        changelog, on each account's own partition; the caller flushes the producer to make
-        them durable. Returns how many were written.
+    def persist(self, accts) -> int:
+        """Queue the accounts' records (JSON, encoded here once) for the table's changelog, on
+        each account's own partition, and mirror them in the table's local store; the caller
+        flushes to make them durable. Returns how many were written.
 
-        Records go straight to the producer rather than through Faust's ``send_soon`` buffer:
-        with one record per touched account per batch, that buffer fills and every further
-        send waits on the event loop (the worker then idles in ``select``)."""
+        Records go to the output producer rather than through the table's ``send_soon``
+        buffer: with one record per touched account per batch, that buffer fills and every
+        further send waits on the event loop."""
         proc = self.processor
         n = 0
         dumps = orjson.dumps
-        send = self.app.producer.send
+        opt = orjson.OPT_SERIALIZE_NUMPY
+        send = self.out.send
+        local = self.table.data.data  # the memory store's dict (no per-key hooks to run)
         topic = self.table.changelog_topic.get_topic_name()
         for a in accts:
             rec = proc.account_record(a)
@@ -315,13 +319,13 @@ class Pipeline:
             if p < 0:
                 continue
             key = a.encode()
-            self.table.data[key] = rec
-            await send(topic, key, dumps(rec, option=orjson.OPT_SERIALIZE_NUMPY), p, None, None)
+            local[key] = rec
+            send(topic, key, dumps(rec, option=opt), p)
             n += 1
         return n
 
-    async def _send(self, topic: str, key: bytes, value: bytes) -> None:
-        await self.app.producer.send(topic, key, value, None, None, None)
+    def _send(self, topic: str, key: bytes, value: bytes) -> None:
+        self.out.send(topic, key, value)
 
     # -- account events -----------------------------------------------------------------------
     async def catch_up_reference(self, timeout: float = 10.0) -> None:
@@ -338,9 +342,10 @@ class Pipeline:
                 time.monotonic() < deadline:
             await asyncio.sleep(0.01)
 
-    async def handle_account_batch(self, batch) -> None:
+    async def handle_account_batch(self, batch, epoch: int | None = None) -> None:
         """Decode, validate and apply one micro-batch of consumer records (anything with
-        topic, partition, offset, key and value), then emit its outputs."""
+        topic, partition, offset, key and value), emit its outputs and, once the broker has
+        acknowledged them, ack the batch's offsets (unless ``epoch`` is stale: revoked)."""
         await self.sync()
         decoded = []
         rejected: list[Rejected] = []
@@ -367,6 +372,8 @@ class Pipeline:
         messages = {(m.topic, m.partition, m.offset): m
                     for m in batch} if out.rejected else None  # only to dead-letter bytes
         await self.emit(out, messages)
+        if epoch is not None and epoch == self.feed.epoch:
+            self.app.consumer.ack_records(batch)
         # counted once the batch's outputs are acknowledged: "events in" means done
         self.metrics["events_in"] += len(batch)
         self.metrics["batches"] += 1
@@ -387,22 +394,21 @@ class Pipeline:
         if not resend_only:
             for evt in out.events:
                 proc.outbox.setdefault(evt["account"], []).append(evt)
-            if await self.persist(out.touched | {e["account"] for e in out.events}) and \
-                    out.events:
-                await self.app.producer.flush()  # records durable before their events go out
+            if self.persist(out.touched | {e["account"] for e in out.events}) and out.events:
+                await self.out.flush()  # records durable before their events go out
         margin_topic = self.s.topic("margin-calls")
         for evt in out.events:
-            await self._send(margin_topic, evt["account"].encode(),
-                             self.codec.encode("MarginEvent", evt))
+            self._send(margin_topic, evt["account"].encode(),
+                       self.codec.encode("MarginEvent", evt))
         for r in out.rejected:
-            await self._dead_letter(r, (messages or {}).get((r.topic, r.partition, r.offset)))
+            self._dead_letter(r, (messages or {}).get((r.topic, r.partition, r.offset)))
         if self.sink is not None and (n_rows(out.snapshots) or out.stress):
-            await self._send_snapshots(out)
+            self._send_snapshots(out)
         self.metrics["margin_events"] += len(out.events)
         # one flush for the whole unit of work: every record above is acknowledged before the
         # batch's input offsets can be committed (cheaper than awaiting each send's future)
         t0 = time.perf_counter()
-        await self.app.producer.flush()
+        await self.out.flush()
         self.timings["flush"] += time.perf_counter() - t0
         sent = {e["event_id"] for e in out.events}
         for acct in {e["account"] for e in out.events}:  # delivered: drop from the outbox
@@ -412,34 +418,34 @@ class Pipeline:
             else:
                 proc.outbox.pop(acct, None)
 
-    async def _dead_letter(self, r: Rejected, m=None, value: bytes | None = None) -> None:
+    def _dead_letter(self, r: Rejected, m=None, value: bytes | None = None) -> None:
         """Queue one DeadLetter (original bytes from ``m``, or ``value``); callers flush."""
         rec = dead_letter(r, m)
         if value is not None:
             rec["value"] = value
-        await self._send(self.s.topic("dead-letters"), r.topic.encode(),
-                         self.codec.encode("DeadLetter", rec))
+        self._send(self.s.topic("dead-letters"), r.topic.encode(),
+                   self.codec.encode("DeadLetter", rec))
         self.metrics["dead_letters"] += 1
         log.warning("dead letter %s[%d]@%d: %s: %s", r.topic, r.partition, r.offset,
                     r.error_type, r.reason)
 
-    async def _send_snapshots(self, out: Output, chunk: int = 2000) -> None:
+    def _send_snapshots(self, out: Output, chunk: int = 2000) -> None:
         """Risk snapshots travel through the internal ``risk-snapshots`` topic to the sink
         agents, so ClickHouse inserts are driven (and deduplicated) by Kafka offsets. Rows are
         sent column-oriented in chunks (a market move over 100k accounts is ~50 messages)."""
         for table, cols in (("risk_snapshots", out.snapshots), ("exposures", out.exposures)):
-            await self._send_columns(table, cols, chunk)
+            self._send_columns(table, cols, chunk)
         if out.stress:
             rows = [[_ms_of(r[0]), *r[1:]] for r in out.stress]
-            await self._send(self.s.topic("risk-snapshots"), self.worker_id.encode(),
-                             orjson.dumps({"stress": rows}, option=orjson.OPT_SERIALIZE_NUMPY))
+            self._send(self.s.topic("risk-snapshots"), self.worker_id.encode(),
+                       orjson.dumps({"stress": rows}, option=orjson.OPT_SERIALIZE_NUMPY))
 
-    async def _send_columns(self, table: str, cols: dict, chunk: int) -> None:
+    def _send_columns(self, table: str, cols: dict, chunk: int) -> None:
         n = n_rows(cols)
         for lo in range(0, n, chunk):
             part = {k: v[lo:lo + chunk] for k, v in cols.items()}
-            await self._send(self.s.topic("risk-snapshots"), part["account"][0].encode(),
-                             orjson.dumps({table: part}, option=orjson.OPT_SERIALIZE_NUMPY))
+            self._send(self.s.topic("risk-snapshots"), part["account"][0].encode(),
+                       orjson.dumps({table: part}, option=orjson.OPT_SERIALIZE_NUMPY))
 
     async def sink_snapshot_batch(self, batch) -> None:
         from .store import snapshot_columns
@@ -461,9 +467,9 @@ class Pipeline:
 
     async def _sink_rejected(self, table, row, error) -> None:
         value = json.dumps([_jsonable(v) for v in row]).encode()
-        await self._dead_letter(Rejected(f"clickhouse:{table}", 0, -1, "SinkRejected", error),
-                                value=value)
-        await self.app.producer.flush()
+        self._dead_letter(Rejected(f"clickhouse:{table}", 0, -1, "SinkRejected", error),
+                          value=value)
+        await self.out.flush()
 
     def _gc_callback(self, phase, info) -> None:
         if phase == "start":
@@ -588,8 +594,8 @@ class Pipeline:
                                                   type(e).__name__, str(e)), m))
         if rejected:
             for r, m in rejected:
-                await self._dead_letter(r, m)
-            await self.app.producer.flush()
+                self._dead_letter(r, m)
+            await self.out.flush()
         if affected:
             async with self.work_lock:
                 await self.sync()

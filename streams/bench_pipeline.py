@@ -105,6 +105,16 @@ def _metric(port, name):
     return None
 
 
+def _sink_rows(port) -> float:
+    """Rows the worker's sink has stored so far, all tables."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=1) as r:
+            return sum(float(line.split()[1]) for line in r.read().decode().splitlines()
+                       if line.startswith("riskpipe_sink_rows_total{"))
+    except Exception:  # noqa: BLE001
+        return 0.0
+
+
 def _rss_kb(pid) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -162,9 +172,19 @@ def _throughput(settings, name, port, warmup, load, naive=False, timeout=600):
             time.sleep(0.02)
         if t_first is None or t_last is None or t_last <= t_first:
             raise RuntimeError(f"{name}: no progress ({seen - base} events)")
-        return {"events": int(seen - base), "seconds": round(t_last - t_first, 3),
-                "events_per_s": round((seen - first) / (t_last - t_first), 1),
-                "rss_mb": round(rss / 1024, 1)}
+        out = {"events": int(seen - base), "seconds": round(t_last - t_first, 3),
+               "events_per_s": round((seen - first) / (t_last - t_first), 1),
+               "rss_mb": round(rss / 1024, 1)}
+        if not naive:  # the same window, closed when the sink has stored the load's rows
+            t_sink, rows = t_last, _sink_rows(port)
+            while time.time() < deadline and time.perf_counter() - t_sink < 2.0:
+                time.sleep(0.05)
+                now_rows = _sink_rows(port)
+                if now_rows != rows:
+                    rows, t_sink = now_rows, time.perf_counter()
+            out["sink_rows"] = int(rows)
+            out["events_per_s_sink_caught_up"] = round((seen - first) / (t_sink - t_first), 1)
+        return out
     finally:
         p.terminate()
         try:
@@ -216,6 +236,7 @@ def _latency(settings, port, rate, seconds, n_accounts, instruments, marks):
     th = threading.Thread(target=consume, daemon=True)
     th.start()
     pub = Publisher(settings, **{"linger.ms": 1})
+    _ready(settings, pub)
     rng = np.random.default_rng(9)
     tradable = [i for i in instruments if i.kind in ("PERPETUAL", "FUTURE")]
     n = int(rate * seconds)
@@ -240,6 +261,20 @@ def _latency(settings, port, rate, seconds, n_accounts, instruments, marks):
             "p95_ms": round(float(np.percentile(a, 95)), 2),
             "p99_ms": round(float(np.percentile(a, 99)), 2),
             "max_ms": round(float(np.max(a)), 2)}
+
+
+def _ready(settings, pub) -> None:
+    """Deliver one record to a scratch topic first: a new idempotent producer holds its first
+    records until it has a producer id, which would count as the worker's latency."""
+    from confluent_kafka.admin import AdminClient, NewTopic
+    topic = settings.topic("bench-probe")
+    for f in AdminClient(settings.kafka_conf()).create_topics([NewTopic(topic, 1, 1)]).values():
+        try:
+            f.result()
+        except Exception:  # noqa: BLE001 - already exists
+            pass
+    pub.producer.produce(topic, b"", b"probe")
+    pub.flush(60)
 
 
 def fanout(n_accounts=100_000, positions=20):

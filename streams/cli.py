@@ -88,6 +88,8 @@ def worker(loglevel: str = typer.Option("info", help="log level")):
     from .store import make_sink
     pipe = create_app(s, sink=make_sink(s))
     from faust import Worker
+    import engine
+    engine.warm_up()  # kernels loaded before the first live event, not during it
     _tune_gc()
     Worker(pipe.app, loglevel=loglevel, redirect_stdouts=False).execute_from_commandline()
 
