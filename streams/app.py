@@ -103,6 +103,7 @@ class Pipeline:
                                       (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5))
         self.needs_sync = True
         self.stopping = False
+        self._synced_once = False
         self.ref_ready = asyncio.Event()
         self._bc_consumer = None
         # one unit of work at a time (an agent batch, a market tick, a parameter change), so
@@ -180,6 +181,18 @@ class Pipeline:
 
         self.snapshot_topic = app.topic(s.topic("risk-snapshots"), partitions=s.partitions,
                                         **raw)
+
+        @app.timer(0.5)
+        async def presync():
+            """At start, load the recovered accounts into the engine as soon as the table is
+            recovered instead of inside the first batch (a latency spike). Only the first
+            time: Faust never clears its recovery-completed flag, so after a rebalance the
+            flag cannot tell whether the new partitions are recovered yet; then the first
+            batch syncs, as it can only arrive once they are."""
+            if not self._synced_once and self.needs_sync and self.ref_ready.is_set() and \
+                    self._recovered() and not self.app.in_recovery:
+                async with self.work_lock:
+                    await self.sync()
 
         @app.timer(5.0)
         async def stress():
@@ -274,6 +287,7 @@ class Pipeline:
         if not self.needs_sync:
             return []
         self.needs_sync = False
+        self._synced_once = True
         owned = self.owned_partitions()
         proc = self.processor
         keep, resend = [], []
@@ -471,6 +485,17 @@ class Pipeline:
                           value=value)
         await self.out.flush()
 
+    def _recovered(self) -> bool:
+        try:
+            return self.app.tables.recovery.completed.is_set()
+        except AttributeError:  # before the app has started its table manager
+            return False
+
+    def ready(self) -> bool:
+        """Serving: reference data loaded, the accounts table recovered from its changelog and
+        loaded into the engine (a readiness probe; /metrics answers earlier)."""
+        return self.ref_ready.is_set() and self._recovered() and not self.needs_sync
+
     def _gc_callback(self, phase, info) -> None:
         if phase == "start":
             self._gc_t0 = time.perf_counter()
@@ -488,6 +513,8 @@ class Pipeline:
         states = {}
         for st in self.processor.state.values():
             states[st] = states.get(st, 0) + 1
+        lines.append("# TYPE riskpipe_ready gauge")  # reference data loaded, table recovered
+        lines.append(f"riskpipe_ready {int(self.ready())}")
         lines.append("# TYPE riskpipe_gc_seconds_total counter")
         for g, v in enumerate(self.gc_seconds):
             lines.append(f'riskpipe_gc_seconds_total{{generation="{g}"}} {v:.3f}')

@@ -389,9 +389,9 @@ def run(events=200_000, accounts=20_000, latency_rate=10_000, latency_seconds=10
         # latency with the (warm) worker consuming live
         p = _start_worker(s, "worker", 16066)
         try:
-            deadline = time.time() + 120
-            while time.time() < deadline and _metric(16066, "riskpipe_events_in_total") is None \
-                    and p.poll() is None:
+            deadline = time.time() + 300
+            while time.time() < deadline and _metric(16066, "riskpipe_ready") != 1 \
+                    and p.poll() is None:  # restarted: recovers its table from the changelog
                 time.sleep(0.5)
             time.sleep(5)  # catch up with anything left from the throughput run
             result["latency"] = _latency(s, 16066, latency_rate, latency_seconds, accounts,
