@@ -178,6 +178,12 @@ def run_demo(accounts: int = 2000, duration_s: float = 120.0, seed: int = 7,
             except subprocess.TimeoutExpired:
                 worker.kill()
         if started_kafka and not keep_kafka:
+            # release the publisher first: a live client would keep reconnecting (and
+            # logging) after the broker is gone
+            pub.flush(10)
+            del sim, pub
+            import gc
+            gc.collect()
             kafka("down", port)
     console.print(f"margin events: {watcher.count:,} (duplicates seen by id: "
                   f"{watcher.duplicates})")
