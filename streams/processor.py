@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import operator
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -284,9 +285,12 @@ class RiskProcessor:
         """Re-margin every local account holding any of ``underlyings`` in one call."""
         if not underlyings or len(self.book) == 0:
             return Output()
-        rows = np.unique(np.concatenate([self.book.rows_holding(u) for u in underlyings
-                                         if u in self.universe.underlyings] or
-                                        [np.zeros(0, dtype=np.int64)]))
+        held = [self.book.rows_holding(u) for u in underlyings
+                if u in self.universe.underlyings]
+        if not held:
+            return Output()
+        # one underlying (the usual tick): already sorted and unique
+        rows = held[0] if len(held) == 1 else np.unique(np.concatenate(held))
         if rows.size == 0:
             return Output()
         t = max([self.quote_ts.get(u, 0) for u in underlyings] + [0]) or \
@@ -365,8 +369,7 @@ class RiskProcessor:
         out = Output()
         rs = self.risk_set()
         res = self.book.margin(rs, rows)
-        ids = self.book.ids
-        accts = [ids[r] for r in rows]
+        accts = _pick(self.book.ids, rows)
         self._ensure_rows(0)
         prev = self._state_arr[rows]
         new = E.classify(prev, res.equity, res.im, res.mm, self.thresholds)
@@ -408,7 +411,7 @@ class RiskProcessor:
         unds = self.universe.underlyings
         names = np.array(unds + [""], dtype=object)
         wu = res.worst_underlying[idx]
-        acc = [accts[k] for k in idx]
+        acc = accts if idx.size == len(accts) else _pick(accts, idx)
         ts = np.asarray(ts_ms, dtype=np.int64)[idx].tolist()
         trig = np.asarray(triggers, dtype=object)[idx].tolist()
         snaps = {
@@ -431,9 +434,9 @@ class RiskProcessor:
             has = np.flatnonzero(np.any(g[:, u, :] != 0, axis=1))
             if has.size == 0:
                 continue
-            expo["account"] += [acc[k] for k in has]
+            expo["account"] += _pick(acc, has)
             expo["underlying"] += [name] * has.size
-            expo["ts"] += [ts[k] for k in has]
+            expo["ts"] += _pick(ts, has)
             for j, col in enumerate(("delta", "gamma", "vega", "theta")):
                 expo[col] += g[has, u, j].tolist()
         return snaps, expo
@@ -461,6 +464,16 @@ class RiskProcessor:
             "plan_restores_mm": restores, "params_version": int(rs.params_version),
             "ts": _dt(ts_ms),
         }
+
+
+def _pick(seq, idx) -> list:
+    """``[seq[i] for i in idx]`` for a numpy index array, at C speed (a Python loop over
+    numpy integers costs ~100 ns per item: 10 ms per 100,000-account market tick)."""
+    idx = idx.tolist()
+    if not idx:
+        return []
+    got = operator.itemgetter(*idx)(seq)
+    return list(got) if len(idx) > 1 else [got]
 
 
 def event_to_json(e: dict) -> dict:
