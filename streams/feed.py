@@ -141,8 +141,9 @@ class BatchConsumer(faust_aiokafka.Consumer):
 
     def ack_records(self, records) -> None:
         """Mark processed records as acked in Faust's commit bookkeeping (``Consumer.ack``
-        for a whole batch). Faust's commit timer (``broker_commit_interval``) commits them;
-        committing from here, inside the agent, stalls the agent."""
+        for a whole batch). Faust's commit timer (``broker_commit_interval``) commits them:
+        a commit from here would make the agent wait on the consumer thread (up to a fetch
+        timeout) on every ``broker_commit_every`` records."""
         by_tp: dict = {}
         for r in records:
             by_tp.setdefault((r.topic, r.partition), []).append(r.offset)
