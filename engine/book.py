@@ -99,13 +99,28 @@ class AccountBook:
     def set(self, account: str, instrument: str, qty: float, cost: float) -> None:
         """Set one position (or balance) of an account; a zero position frees its slot."""
         i = self.universe.row(instrument)
+        self._check(qty, cost, instrument)
+        self._put(self.row(account), i, qty, cost)
+
+    @staticmethod
+    def _check(qty, cost, instrument) -> None:
         check_quantity(qty, instrument)
         if not math.isfinite(cost):
             raise InvalidQuantity(f"cost {cost!r} of {instrument} is not finite", field="cost",
                                   value=cost, instrument=instrument)
-        r = self.row(account)
-        j = self._slot(r, i)
+
+    def _get_row(self, r: int, i: int) -> tuple[float, float]:
+        k = self._slots[r].get(i)
+        if k is None:
+            return 0.0, 0.0
+        j = r * self.cap + k
+        return float(self.qty[j]), float(self.cost[j])
+
+    def _put(self, r: int, i: int, qty: float, cost: float) -> None:
+        """Write one checked position of row ``r``; a zero position frees its slot."""
         slots = self._slots[r]
+        k = slots.get(i)
+        j = -1 if k is None else r * self.cap + k
         if qty == 0.0 and cost == 0.0:
             if j >= 0:
                 last = r * self.cap + int(self.count[r]) - 1
@@ -174,11 +189,15 @@ class AccountBook:
         if not math.isfinite(fee):
             raise InvalidParameter(f"fee {fee!r} is not finite", field="fee", value=fee)
         settle = inst.settle_asset if inst.kind != Kind.SPOT else "USD"
-        Q, C = self.get(account, instrument)
+        # one row lookup for the position and the settlement balance; the arithmetic (and its
+        # order) is that of get / set / _add_balance, so results are bit-identical
+        i = self.universe.row(instrument)
+        r = self._row.get(account)
+        Q, C = (0.0, 0.0) if r is None else self._get_row(r, i)
         realised = 0.0
         if inst.kind in (Kind.SPOT, Kind.CALL, Kind.PUT):
-            self.set(account, instrument, Q + q, 0.0)
-            self._add_balance(account, settle, -q * price * inst.multiplier)
+            Q, C = Q + q, 0.0
+            balance_move = -q * price * inst.multiplier
         else:
             v = -inst.multiplier / price if inst.settlement == Settlement.INVERSE \
                 else inst.multiplier * price
@@ -194,10 +213,14 @@ class AccountBook:
                     Q, C = Q + rest, C + rest * v
                 if Q == 0.0:
                     C = 0.0
-            self.set(account, instrument, Q, C)
-            self._add_balance(account, settle, realised)
+            balance_move = realised
+        self._check(Q, C, instrument)
+        if r is None:
+            r = self.row(account)
+        self._put(r, i, Q, C)
+        self._add_balance_row(r, settle, balance_move)
         if fee:
-            self._add_balance(account, settle, -fee)
+            self._add_balance_row(r, settle, -fee)
         return realised
 
     def apply_collateral(self, account: str, asset: str, amount: float) -> None:
@@ -210,6 +233,12 @@ class AccountBook:
     def _add_balance(self, account, asset, amount):
         q, _ = self.get(account, asset)
         self.set(account, asset, q + amount, 0.0)
+
+    def _add_balance_row(self, r: int, asset: str, amount: float) -> None:
+        i = self.universe.row(asset)
+        q = self._get_row(r, i)[0] + amount
+        self._check(q, 0.0, asset)
+        self._put(r, i, q, 0.0)
 
     # -- margin ---------------------------------------------------------------------------
     def rows_holding(self, underlying: str) -> np.ndarray:
