@@ -5,7 +5,8 @@ Design (see README "Architecture"):
 
 * ``accounts`` agent, concurrency 1 (faust #606), consumes trades + collateral (co-partitioned by
   account) in micro-batches and hands them to :class:`RiskProcessor`. Faust's consumer delivers
-  these two topics in bulk (streams/feed.py) instead of one event at a time.
+  these two topics, and the sink agents' two, in bulk (streams/feed.py) instead of one event at
+  a time.
 * Account state lives in a changelog-backed Faust table ``accounts`` (one record per account).
   The engine's numpy account book is a cache of it, rebuilt after every rebalance. Table writes
   always name the account's partition explicitly, so market-driven updates (made outside an
@@ -127,7 +128,7 @@ class Pipeline:
             topic_partitions=s.partitions, topic_replication_factor=s.replication_factor,
             processing_guarantee="at_least_once", consumer_auto_offset_reset="earliest",
             broker_commit_interval=1.0, broker_commit_every=10_000,
-            stream_buffer_maxsize=s.sink_buffer, stream_wait_empty=False,
+            stream_buffer_maxsize=65536, stream_wait_empty=False,
             web_enabled=s.web_port > 0, web_port=max(s.web_port, 1), web_bind=s.web_host,
             producer_acks=-1, producer_linger_ms=2, table_standby_replicas=0,
             topic_allow_declare=True, key_serializer="raw", value_serializer="raw", **kw)
@@ -140,7 +141,13 @@ class Pipeline:
                                        partitions=s.partitions, **raw)
         self.margin_topic = app.topic(s.topic("margin-calls"), partitions=s.partitions, **raw)
 
-        self.feed = install_feed(app, [s.topic("trades"), s.topic("collateral")])
+        groups = {"accounts": [s.topic("trades"), s.topic("collateral")]}
+        if self.sink is not None:
+            groups["sink-snapshots"] = [s.topic("risk-snapshots")]
+            groups["sink-events"] = [s.topic("margin-calls")]
+        self.feeds = install_feed(app, groups, {"sink-snapshots": s.sink_buffer,
+                                                "sink-events": s.sink_buffer})
+        self.feed = self.feeds["accounts"]
 
         @app.agent(self.account_topic, concurrency=1, name="accounts")
         async def accounts(stream):
@@ -213,15 +220,13 @@ class Pipeline:
 
             @app.agent(self.snapshot_topic, concurrency=1, name="sink-snapshots")
             async def sink_snapshots(stream):
-                async for batch in stream.take_events(s.sink_batch_rows,
-                                                      within=s.sink_batch_ms / 1000.0):
-                    await self.sink_snapshot_batch(batch)
+                stream.channel.__aiter__()  # subscribes; records arrive through the feed
+                await self._sink_loop(self.feeds["sink-snapshots"], self.sink_snapshot_batch)
 
             @app.agent(self.margin_topic, concurrency=1, name="sink-events")
             async def sink_events(stream):
-                async for batch in stream.take_events(s.sink_batch_rows,
-                                                      within=s.sink_batch_ms / 1000.0):
-                    await self.sink_event_batch(batch)
+                stream.channel.__aiter__()
+                await self._sink_loop(self.feeds["sink-events"], self.sink_event_batch)
 
         if s.web_port > 0:
             @app.page("/sql")
@@ -255,7 +260,8 @@ class Pipeline:
         """Drop fetched-but-unprocessed account records and let the batch in flight finish
         (its outputs flushed) before the partitions change hands."""
         self.needs_sync = True
-        self.feed.revoke()
+        for feed in self.feeds.values():
+            feed.revoke()
         async with self.work_lock:
             pass
 
@@ -263,7 +269,8 @@ class Pipeline:
         """Graceful stop (SIGTERM): Faust has stopped fetching; let the batch in flight finish
         and commit its offsets, so a restart does not redo it. (A crash or kill -9 skips this
         and the restart replays from the last commit, which is harmless, only slower.)"""
-        self.feed.revoke()
+        for feed in self.feeds.values():
+            feed.revoke()
         async with self.work_lock:
             self.stopping = True
         try:
@@ -461,9 +468,26 @@ class Pipeline:
             self._send(self.s.topic("risk-snapshots"), part["account"][0].encode(),
                        orjson.dumps({table: part}, option=orjson.OPT_SERIALIZE_NUMPY))
 
+    async def _sink_loop(self, feed, handle) -> None:
+        """A sink agent: batches of up to ``sink_batch_rows`` records (waiting up to
+        ``sink_batch_ms`` to fill, for fewer and larger inserts), stored, then acked."""
+        s = self.s
+        while True:
+            epoch, batch = await feed.take(s.sink_batch_rows, within=s.sink_batch_ms / 1000.0)
+            if epoch != feed.epoch:
+                continue  # revoked meanwhile: re-read from the committed offsets
+            try:
+                await handle(batch)
+            except Exception as exc:  # noqa: BLE001 - never skip past an unstored batch
+                log.exception("unexpected error in the sink; stopping the worker")
+                await self.app.crash(exc)
+                return
+            if epoch == feed.epoch:
+                self.app.consumer.ack_records(batch)
+
     async def sink_snapshot_batch(self, batch) -> None:
         from .store import snapshot_columns
-        tables = snapshot_columns(orjson.loads(ev.value) for ev in batch)
+        tables = snapshot_columns(orjson.loads(m.value) for m in batch)
         src = _source(batch)
         for t, rows in tables.items():
             await self.sink.write(t, rows, src)
@@ -471,12 +495,12 @@ class Pipeline:
     async def sink_event_batch(self, batch) -> None:
         from .store import event_row
         rows = []
-        for ev in batch:
+        for m in batch:
             try:
-                rows.append(event_row(self.codec.decode(ev.value, expect="MarginEvent")[1]))
+                rows.append(event_row(self.codec.decode(m.value, expect="MarginEvent")[1]))
             except SchemaError as e:
-                log.error("undecodable margin event %s[%d]@%d: %s", ev.message.topic,
-                          ev.message.partition, ev.message.offset, e)
+                log.error("undecodable margin event %s[%d]@%d: %s", m.topic, m.partition,
+                          m.offset, e)
         await self.sink.write("margin_events", rows, _source(batch))
 
     async def _sink_rejected(self, table, row, error) -> None:
@@ -656,8 +680,7 @@ def _ms_of(ts) -> int:
 def _source(batch) -> str:
     """topic/partition/offset ranges of a batch: the sink's deduplication identity."""
     ranges: dict[tuple, list] = {}
-    for ev in batch:
-        m = ev.message
+    for m in batch:
         r = ranges.setdefault((m.topic, m.partition), [m.offset, m.offset])
         r[0], r[1] = min(r[0], m.offset), max(r[1], m.offset)
     return ",".join(f"{t}[{p}]{lo}-{hi}" for (t, p), (lo, hi) in sorted(ranges.items()))

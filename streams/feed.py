@@ -1,4 +1,5 @@
-"""Batch delivery of the account topics (trades, collateral) inside Faust's own consumer.
+"""Batch delivery of the hot topics (trades, collateral; the sink's inputs) inside Faust's own
+consumer.
 
 Why: Faust hands records to agents one at a time. Per record it builds a message and an event,
 races the callback against three events with four new futures (``Service.wait_first``), puts
@@ -8,13 +9,14 @@ project's workload that costs ~60 us per record, so an agent that does nothing t
 
 What stays Faust's: group membership and partition assignment, the changelog-backed table and
 its recovery, offset commits (the same ``_acked`` bookkeeping Faust's own acks feed), flow
-control during rebalances, and every other topic (table changelogs, the sink agents), which
-still take the per-record path untouched.
+control during rebalances, pausing a partition whose consumer falls behind, and every other
+topic (table changelogs, reference data), which still takes the per-record path untouched.
 
-What changes: for the topics registered in :class:`AccountFeed`, the consumer passes each fetch
-(a list of records per partition) to the feed as it is; the accounts agent takes them in
-micro-batches and, once a batch's outputs are acknowledged by the broker, acks its offsets in
-bulk (:meth:`BatchConsumer.ack_records`).
+What changes: for the topics of a :class:`Feed` (the account topics for the accounts agent;
+``margin-calls`` and ``risk-snapshots`` for the sink agents, one margin event or snapshot chunk
+per record), the consumer passes each fetch (a list of records per partition) to the feed as it
+is; the agent takes them in micro-batches and, once a batch is done (outputs acknowledged,
+rows stored), acks its offsets in bulk (:meth:`BatchConsumer.ack_records`).
 
 Rebalances: a fetch is stamped with the feed's epoch when it arrives; a revocation bumps the
 epoch and drops queued fetches, and a batch whose epoch is stale is neither processed nor
@@ -28,12 +30,18 @@ import asyncio
 from collections import deque
 
 from faust.transport.drivers import aiokafka as faust_aiokafka
+from faust.types import TP
 from mode.utils.futures import notify
 
 
-class AccountFeed:
-    """Fetched account-topic records waiting for the accounts agent (bounded: a full feed
-    stops the fetch loop, which is the backpressure towards the broker)."""
+class Feed:
+    """Fetched records of some topics waiting for one agent.
+
+    Bounded per partition group, never by blocking: when ``max_fetches`` fetches are queued,
+    the feed asks the consumer to stop fetching the partitions it holds (Faust's own
+    buffer-full mechanism) and to resume them once the agent has taken the queue down to half.
+    The fetch loop itself never waits on a feed, so a stalled agent (the sink during a
+    ClickHouse outage) cannot hold up the others (the accounts agent and margin calls)."""
 
     def __init__(self, topics, max_fetches: int = 16):
         self.topics = frozenset(topics)
@@ -41,33 +49,60 @@ class AccountFeed:
         self._q: deque = deque()
         self._max = max_fetches
         self._not_empty = asyncio.Event()
-        self._not_full = asyncio.Event()
-        self._not_full.set()
+        self._paused: set = set()
+        self._consumer = None
 
     def revoke(self) -> None:
-        """Forget everything fetched so far (called when partitions are revoked/assigned)."""
+        """Forget everything fetched so far (called when partitions are revoked)."""
         self.epoch += 1
         self._q.clear()
         self._not_empty.clear()
-        self._not_full.set()
+        if self._consumer is not None:  # revoked partitions are no longer ours to resume
+            self._consumer._buffered_partitions.difference_update(self._paused)
+        self._paused.clear()
 
-    async def put(self, epoch: int, fetch: dict) -> None:
-        while len(self._q) >= self._max:
-            self._not_full.clear()
-            await self._not_full.wait()
+    def put(self, epoch: int, fetch: dict, consumer=None) -> None:
         if epoch != self.epoch:
             return
         self._q.append((epoch, fetch))
         self._not_empty.set()
+        if consumer is not None and len(self._q) >= self._max:
+            self._consumer = consumer
+            for tp in fetch:
+                tp = TP(tp.topic, tp.partition)  # Faust's own type, as its partition sets hold
+                if tp not in self._paused:
+                    consumer.on_buffer_full(tp)
+                    self._paused.add(tp)
 
-    async def take(self, max_records: int) -> tuple[int, list]:
+    def _maybe_resume(self) -> None:
+        if self._paused and len(self._q) <= self._max // 2:
+            for tp in self._paused:
+                self._consumer.on_buffer_drop(tp)
+            self._paused.clear()
+
+    async def take(self, max_records: int, within: float = 0.0) -> tuple[int, list]:
         """Wait for records, then return ``(epoch, records)``: every fetch queued now, up to
-        ``max_records`` (whole fetches; the first always fits). No waiting to fill a batch:
-        while one batch is processed the next accumulates, so batches grow with the load and
-        latency stays at one processing round. Records of one partition keep their order."""
+        ``max_records`` (whole fetches; the first always fits). By default there is no waiting
+        to fill a batch: while one batch is processed the next accumulates, so batches grow
+        with the load and latency stays at one processing round. ``within`` (seconds) waits
+        for more first, for an agent that prefers fewer, larger batches (the ClickHouse sink:
+        fewer parts). Records of one partition keep their order."""
         while not self._q:
             self._not_empty.clear()
             await self._not_empty.wait()
+        if within > 0:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + within
+            while len(self._q) < self._max and \
+                    sum(len(r) for _, f in self._q for r in f.values()) < max_records:
+                left = deadline - loop.time()
+                if left <= 0:
+                    break
+                self._not_empty.clear()
+                try:
+                    await asyncio.wait_for(self._not_empty.wait(), left)
+                except asyncio.TimeoutError:
+                    break
         epoch, fetch = self._q.popleft()
         out = [r for recs in fetch.values() for r in recs]
         while self._q and self._q[0][0] == epoch:
@@ -77,7 +112,7 @@ class AccountFeed:
             out += [r for recs in self._q.popleft()[1].values() for r in recs]
         if not self._q:
             self._not_empty.clear()
-        self._not_full.set()
+        self._maybe_resume()
         return epoch, out
 
 
@@ -85,12 +120,13 @@ class BatchConsumer(faust_aiokafka.Consumer):
     """Faust's aiokafka consumer with bulk hand-off of the feed's topics (see module doc)."""
 
     @property
-    def feed(self) -> AccountFeed | None:
-        return getattr(self.transport, "feed", None)
+    def feeds(self) -> dict:
+        """topic -> the feed its records go to"""
+        return getattr(self.transport, "feeds", None) or {}
 
     async def getmany(self, timeout: float):
-        feed = self.feed
-        epoch = feed.epoch if feed is not None else 0
+        feeds = self.feeds
+        epochs = {id(f): f.epoch for f in feeds.values()}
         records, active_partitions = await self._wait_next_records(timeout)
         generation_id = self.app.consumer_generation_id
         if records is None or self.should_stop:
@@ -106,18 +142,23 @@ class BatchConsumer(faust_aiokafka.Consumer):
             return active_partitions is None or tp in active_partitions or \
                 tp in self._buffered_partitions
 
-        if feed is not None:
-            bulk = {tp: recs for tp, recs in records.items()
-                    if tp.topic in feed.topics and recs}
-            if bulk:
-                records = {tp: recs for tp, recs in records.items() if tp not in bulk}
-                if epoch == feed.epoch and generation_id == self.app.consumer_generation_id:
-                    bulk = {tp: recs for tp, recs in bulk.items() if live(tp)}
-                    for tp, recs in bulk.items():
-                        await self._note_read(tp, recs)
-                        self.app.monitor.track_tp_end_offset(tp, self.highwater(tp))
-                    if bulk:
-                        await feed.put(epoch, bulk)
+        bulk = {tp: recs for tp, recs in records.items() if tp.topic in feeds and recs}
+        if bulk:
+            records = {tp: recs for tp, recs in records.items() if tp not in bulk}
+            per_feed: dict = {}
+            for tp, recs in bulk.items():
+                feed = feeds[tp.topic]
+                per_feed.setdefault(id(feed), (feed, {}))[1][tp] = recs
+            for feed, fetch in per_feed.values():
+                epoch = epochs[id(feed)]
+                if epoch != feed.epoch or generation_id != self.app.consumer_generation_id:
+                    continue  # revoked meanwhile: Faust seeks back to the committed offsets
+                fetch = {tp: recs for tp, recs in fetch.items() if live(tp)}
+                for tp, recs in fetch.items():
+                    await self._note_read(tp, recs)
+                    self.app.monitor.track_tp_end_offset(tp, self.highwater(tp))
+                if fetch:
+                    feed.put(epoch, fetch, self)
 
         # everything else: Faust's per-record path, exactly as its own getmany
         to_message = self._to_message
@@ -160,15 +201,20 @@ class BatchConsumer(faust_aiokafka.Consumer):
 
 
 class BatchTransport(faust_aiokafka.Transport):
-    """The aiokafka transport with :class:`BatchConsumer`; ``feed`` is set by the app."""
+    """The aiokafka transport with :class:`BatchConsumer`; ``feeds`` is set by the app."""
 
     Consumer = BatchConsumer
-    feed: AccountFeed | None = None
+    feeds: dict | None = None
 
 
-def install(app, topics) -> AccountFeed:
-    """Give ``app`` the batch transport for ``topics``; call before the app starts."""
+def install(app, groups: dict[str, list[str]], max_fetches: dict[str, int] | None = None
+            ) -> dict[str, Feed]:
+    """Give ``app`` the batch transport with one feed per named group of topics; call before
+    the app starts. Returns the feeds by name."""
     transport = BatchTransport(app.conf.broker_consumer, app)
-    transport.feed = AccountFeed(topics)
+    feeds = {name: Feed(topics, **({"max_fetches": max_fetches[name]}
+                                   if max_fetches and name in max_fetches else {}))
+             for name, topics in groups.items()}
+    transport.feeds = {t: f for f in feeds.values() for t in f.topics}
     app.transport = transport
-    return transport.feed
+    return feeds

@@ -93,11 +93,11 @@ def test_clickhouse_down_30s_margin_events_flow_then_sink_catches_up(settings, t
     down = tmp_path / "clickhouse-down"
     port = _free_port()
     publish_reference(Publisher(settings))
-    # a small sink buffer: the outage's records outnumber it, and margin events must still flow
-    # (a full buffer stops fetching for its own partition only)
+    # a small sink buffer: the outage's fetches outnumber it, and margin events must still flow
+    # (a full sink feed pauses its own partitions, never the consumer's fetch loop)
     w = WorkerProcess(settings, extra_env={"RISKPIPE_FAULT_CLICKHOUSE_DOWN_FILE": str(down),
                                            "RISKPIPE_WEB_PORT": str(port),
-                                           "RISKPIPE_SINK_BUFFER": "64"}).start()
+                                           "RISKPIPE_SINK_BUFFER": "2"}).start()
     db_events = "SELECT count() FROM riskpipe.margin_events"
     try:
         _publish(settings, deposits)

@@ -1,13 +1,15 @@
-"""The account feed between Faust's consumer and the accounts agent: order, batching bounds,
-backpressure and what a revocation drops (the Kafka side is covered by the pipeline tests)."""
+"""The feeds between Faust's consumer and the agents: order, batch bounds, pausing a full feed's
+partitions and what a revocation drops (the Kafka side is covered by the pipeline tests)."""
 import asyncio
 from types import SimpleNamespace
 
-from streams.feed import AccountFeed
+from faust.types import TP
+
+from streams.feed import Feed
 
 
 def _fetch(topic, partition, offsets):
-    return {(topic, partition): [SimpleNamespace(topic=topic, partition=partition, offset=o)
+    return {TP(topic, partition): [SimpleNamespace(topic=topic, partition=partition, offset=o)
                                  for o in offsets]}
 
 
@@ -17,10 +19,10 @@ def _offsets(records):
 
 def test_take_keeps_partition_order_and_bounds_batches_by_whole_fetches():
     async def run():
-        feed = AccountFeed(["t"])
-        await feed.put(feed.epoch, _fetch("t", 0, range(0, 3)))
-        await feed.put(feed.epoch, _fetch("t", 1, range(0, 2)))
-        await feed.put(feed.epoch, _fetch("t", 0, range(3, 7)))
+        feed = Feed(["t"])
+        feed.put(feed.epoch, _fetch("t", 0, range(0, 3)))
+        feed.put(feed.epoch, _fetch("t", 1, range(0, 2)))
+        feed.put(feed.epoch, _fetch("t", 0, range(3, 7)))
         first = await feed.take(5)   # 3 + 2 fit; the next fetch of 4 would exceed 5
         second = await feed.take(5)
         return first, second
@@ -32,8 +34,8 @@ def test_take_keeps_partition_order_and_bounds_batches_by_whole_fetches():
 
 def test_a_fetch_larger_than_the_batch_bound_is_still_delivered_whole():
     async def run():
-        feed = AccountFeed(["t"])
-        await feed.put(feed.epoch, _fetch("t", 0, range(10)))
+        feed = Feed(["t"])
+        feed.put(feed.epoch, _fetch("t", 0, range(10)))
         return await feed.take(3)
     _, batch = asyncio.run(run())
     assert len(batch) == 10
@@ -41,12 +43,12 @@ def test_a_fetch_larger_than_the_batch_bound_is_still_delivered_whole():
 
 def test_revocation_drops_queued_and_late_fetches_and_bumps_the_epoch():
     async def run():
-        feed = AccountFeed(["t"])
+        feed = Feed(["t"])
         old = feed.epoch
-        await feed.put(old, _fetch("t", 0, range(3)))
+        feed.put(old, _fetch("t", 0, range(3)))
         feed.revoke()
-        await feed.put(old, _fetch("t", 0, range(3, 5)))   # fetched before the revocation
-        await feed.put(feed.epoch, _fetch("t", 0, range(0, 2)))  # re-read after the seek
+        feed.put(old, _fetch("t", 0, range(3, 5)))   # fetched before the revocation
+        feed.put(feed.epoch, _fetch("t", 0, range(0, 2)))  # re-read after the seek
         epoch, batch = await feed.take(100)
         return old, epoch, batch
     old, epoch, batch = asyncio.run(run())
@@ -54,19 +56,63 @@ def test_revocation_drops_queued_and_late_fetches_and_bumps_the_epoch():
     assert _offsets(batch) == [("t", 0, 0), ("t", 0, 1)]
 
 
-def test_a_full_feed_blocks_the_fetch_loop_until_the_agent_takes():
+class _Consumer:
+    """Records what the feed asks of Faust's consumer (pause / resume partitions)."""
+
+    def __init__(self):
+        self.calls = []
+        self._buffered_partitions = set()
+
+    def on_buffer_full(self, tp):
+        self.calls.append(("pause", tp))
+        self._buffered_partitions.add(tp)
+
+    def on_buffer_drop(self, tp):
+        self.calls.append(("resume", tp))
+        self._buffered_partitions.discard(tp)
+
+
+def test_a_full_feed_pauses_its_partitions_instead_of_blocking_and_resumes_at_half():
     async def run():
-        feed = AccountFeed(["t"], max_fetches=2)
-        await feed.put(0, _fetch("t", 0, [0]))
-        await feed.put(0, _fetch("t", 0, [1]))
-        blocked = asyncio.ensure_future(feed.put(0, _fetch("t", 0, [2])))
-        await asyncio.sleep(0.05)
-        was_blocked = not blocked.done()
-        first = await feed.take(1)
-        await asyncio.wait_for(blocked, 1)
-        rest = await feed.take(100)
-        return was_blocked, first, rest
-    was_blocked, (_, first), (_, rest) = asyncio.run(run())
-    assert was_blocked
-    assert _offsets(first) == [("t", 0, 0)]
-    assert _offsets(rest) == [("t", 0, 1), ("t", 0, 2)]
+        c = _Consumer()
+        feed = Feed(["t"], max_fetches=4)
+        for o in range(3):
+            feed.put(0, _fetch("t", 0, [o]), c)  # never blocks the fetch loop
+        paused_early = list(c.calls)
+        feed.put(0, _fetch("t", 1, [0]), c)      # the 4th fetch fills it: pause
+        paused = list(c.calls)
+        await feed.take(1)                       # 3 left: still above half
+        still = list(c.calls)
+        await feed.take(1)                       # 2 left: half, resume
+        return paused_early, paused, still, c.calls
+    paused_early, paused, still, final = asyncio.run(run())
+    assert paused_early == []
+    assert paused == [("pause", ("t", 1))]
+    assert still == paused
+    assert final == paused + [("resume", ("t", 1))]
+
+
+def test_revocation_forgets_paused_partitions_without_resuming_them():
+    async def run():
+        c = _Consumer()
+        feed = Feed(["t"], max_fetches=2)
+        feed.put(0, _fetch("t", 0, [0]), c)
+        feed.put(0, _fetch("t", 0, [1]), c)
+        feed.revoke()
+        return c
+    c = asyncio.run(run())
+    assert c.calls == [("pause", ("t", 0))] and c._buffered_partitions == set()
+
+
+def test_the_sink_can_wait_for_a_fuller_batch():
+    async def run():
+        feed = Feed(["t"])
+        feed.put(0, _fetch("t", 0, [0]))
+
+        async def later():
+            await asyncio.sleep(0.05)
+            feed.put(0, _fetch("t", 0, [1, 2]))
+        asyncio.ensure_future(later())
+        return await feed.take(100, within=0.5)
+    _, batch = asyncio.run(run())
+    assert _offsets(batch) == [("t", 0, 0), ("t", 0, 1), ("t", 0, 2)]
