@@ -22,6 +22,7 @@ Design (see README "Architecture"):
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import time
@@ -94,7 +95,6 @@ class Pipeline:
         self.events_by_topic: dict[str, int] = {}
         self.gc_seconds = [0.0, 0.0, 0.0]  # per generation: collector pauses stall the loop
         self._gc_t0 = 0.0
-        import gc
         gc.callbacks.append(self._gc_callback)
         self.latency = Histogram("riskpipe_event_to_output_seconds",
                                  "event time of an input record to its outputs acknowledged",
