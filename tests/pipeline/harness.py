@@ -4,9 +4,12 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 from confluent_kafka import Consumer, TopicPartition
@@ -142,3 +145,38 @@ class ChangelogReader:
 
     def close(self):
         self.c.close()
+
+
+def free_port() -> int:
+    """A free loopback port (for a worker's web endpoints)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def sql(port, q):
+    """Rows of a query on a running worker's read-only /sql endpoint."""
+    url = f"http://127.0.0.1:{port}/sql?q=" + urllib.parse.quote(q)
+    with urllib.request.urlopen(url, timeout=30) as r:
+        return json.loads(r.read())["rows"]
+
+
+def snapshot_keys(settings):
+    """Identity (account, ts, seq, trigger) of every risk-snapshot row on the internal topic."""
+    topic = settings.topic("risk-snapshots")
+    c = Consumer({**settings.kafka_conf(), "group.id": f"snap-{time.time_ns()}",
+                  "auto.offset.reset": "earliest", "enable.auto.commit": False})
+    parts = c.list_topics(topic, timeout=10).topics[topic].partitions
+    c.assign([TopicPartition(topic, p, 0) for p in parts])
+    keys, idle = set(), 0
+    while idle < 6:
+        m = c.poll(0.25)
+        if m is None or m.error():
+            idle += 1
+            continue
+        idle = 0
+        cols = json.loads(m.value()).get("risk_snapshots")
+        if cols:
+            keys |= set(zip(cols["account"], cols["ts"], cols["seq"], cols["trigger"]))
+    c.close()
+    return keys

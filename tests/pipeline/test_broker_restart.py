@@ -1,5 +1,6 @@
 """The broker is stopped and restarted mid-run: the worker reconnects and nothing is lost or
-changed (final tables and margin event ids equal the offline replay). Runs its own broker so the
+changed (final tables and margin event ids equal the offline replay; ClickHouse after FINAL holds
+every margin event and snapshot once). Runs its own broker so the
 session broker is not disturbed."""
 import os
 import subprocess
@@ -11,9 +12,9 @@ import pytest
 from streams.publish import Publisher
 from streams.settings import Settings
 from streams.topics import create_topics
-from tests.pipeline.harness import REPO, WorkerProcess
-from tests.pipeline.test_crash_and_scale import _check, _publish, _publish_deposits, \
-    _wait_all_applied
+from tests.pipeline.harness import REPO, WorkerProcess, free_port
+from tests.pipeline.test_crash_and_scale import _check, _check_clickhouse, _publish, \
+    _publish_deposits, _wait_all_applied
 from tests.pipeline.workload import account_events, publish_reference, replay
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
@@ -45,7 +46,8 @@ def test_broker_stop_and_restart_mid_run(own_broker):
     deposits, events = account_events(150, seed=21)
     expected, proc = replay(deposits + events)
     publish_reference(Publisher(s))
-    w = WorkerProcess(s).start()
+    port = free_port()
+    w = WorkerProcess(s, extra_env={"RISKPIPE_WEB_PORT": str(port)}).start()
     try:
         _publish_deposits(s, deposits)
         half = len(events) // 2
@@ -58,6 +60,7 @@ def test_broker_stop_and_restart_mid_run(own_broker):
         t.join(120)
         state, want = _wait_all_applied(s, proc, timeout=180)
         _check(s, expected, proc, state, want)
+        stored, snaps = _check_clickhouse(s, port, expected)
         assert w.proc.poll() is None, "the worker must survive a broker restart"
     finally:
         w.stop()

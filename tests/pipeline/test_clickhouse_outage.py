@@ -6,35 +6,20 @@ The outage is the sink's fault drill (``RISKPIPE_FAULT_CLICKHOUSE_DOWN_FILE``): 
 exists every insert fails as a connection error, which is what the HTTP client raises when a
 server is down. The embedded store runs inside the worker and cannot be stopped on its own.
 """
-import json
-import socket
 import time
-import urllib.parse
 import urllib.request
 
 import pytest
-from confluent_kafka import Consumer, TopicPartition
 
 from streams.publish import Publisher
-from tests.pipeline.harness import ChangelogReader, TopicReader, WorkerProcess
+from tests.pipeline.harness import (ChangelogReader, TopicReader, WorkerProcess, free_port,
+                                    snapshot_keys, sql)
 from tests.pipeline.workload import account_events, publish_reference, replay
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
 ACCOUNTS = 300
 OUTAGE_S = 30.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _sql(port, q):
-    url = f"http://127.0.0.1:{port}/sql?q=" + urllib.parse.quote(q)
-    with urllib.request.urlopen(url, timeout=30) as r:
-        return json.loads(r.read())["rows"]
 
 
 def _metric(port, name):
@@ -61,27 +46,6 @@ def _wait(pred, timeout, what):
     raise AssertionError(f"{what} not reached within {timeout}s")
 
 
-def _snapshot_keys(settings):
-    """Identity (account, ts, seq, trigger) of every risk-snapshot row on the internal topic."""
-    topic = settings.topic("risk-snapshots")
-    c = Consumer({**settings.kafka_conf(), "group.id": f"snap-{time.time_ns()}",
-                  "auto.offset.reset": "earliest", "enable.auto.commit": False})
-    parts = c.list_topics(topic, timeout=10).topics[topic].partitions
-    c.assign([TopicPartition(topic, p, 0) for p in parts])
-    keys, idle = set(), 0
-    while idle < 6:
-        m = c.poll(0.25)
-        if m is None or m.error():
-            idle += 1
-            continue
-        idle = 0
-        cols = json.loads(m.value()).get("risk_snapshots")
-        if cols:
-            keys |= set(zip(cols["account"], cols["ts"], cols["seq"], cols["trigger"]))
-    c.close()
-    return keys
-
-
 def test_clickhouse_down_30s_margin_events_flow_then_sink_catches_up(settings, tmp_path):
     deposits, events = account_events(ACCOUNTS, seed=21)
     third = len(events) // 3
@@ -91,7 +55,7 @@ def test_clickhouse_down_30s_margin_events_flow_then_sink_catches_up(settings, t
     assert len(expected_upto_outage) > 50 and len(expected_all) > len(expected_upto_outage)
 
     down = tmp_path / "clickhouse-down"
-    port = _free_port()
+    port = free_port()
     publish_reference(Publisher(settings))
     # a small sink buffer: the outage's fetches outnumber it, and margin events must still flow
     # (a full sink feed pauses its own partitions, never the consumer's fetch loop)
@@ -105,20 +69,20 @@ def test_clickhouse_down_30s_margin_events_flow_then_sink_catches_up(settings, t
         _wait(lambda: len(cl.poll(0.3)) >= ACCOUNTS, 60, "deposits applied")
         cl.close()
         _publish(settings, before)
-        _wait(lambda: _sql(port, db_events)[0][0] > 0, 60, "first margin events stored")
+        _wait(lambda: sql(port, db_events)[0][0] > 0, 60, "first margin events stored")
 
         # outage: inserts fail, the sink retries with backoff and holds its offsets
         down.touch()
         t_down = time.time()
         time.sleep(2.0)  # let batches in flight settle before taking the baseline
-        stored_at_start = _sql(port, db_events)[0][0]
+        stored_at_start = sql(port, db_events)[0][0]
         _publish(settings, during)
         reader = TopicReader(settings, "margin-calls")
         reader.wait(lambda r: expected_upto_outage <= {e["event_id"] for e in r},
                     timeout=OUTAGE_S - 5)
         t_flowed = time.time() - t_down
         while time.time() - t_down < OUTAGE_S:
-            assert _sql(port, db_events)[0][0] == stored_at_start  # nothing gets in
+            assert sql(port, db_events)[0][0] == stored_at_start  # nothing gets in
             time.sleep(1.0)
         retries = _metric(port, "riskpipe_sink_retries_total")
         assert retries and retries > 0 and _metric(port, "riskpipe_sink_up") == 0
@@ -126,23 +90,23 @@ def test_clickhouse_down_30s_margin_events_flow_then_sink_catches_up(settings, t
         # recovery: the sink's next retry succeeds and it drains what Kafka kept
         down.unlink()
         t_up = time.time()
-        _wait(lambda: _sql(port, db_events + " FINAL")[0][0] >= len(expected_upto_outage),
+        _wait(lambda: sql(port, db_events + " FINAL")[0][0] >= len(expected_upto_outage),
               60, "catch-up after the outage")
         catch_up = time.time() - t_up
         _publish(settings, after)
         reader.wait(lambda r: expected_all <= {e["event_id"] for e in r}, timeout=60)
-        _wait(lambda: _sql(port, db_events + " FINAL")[0][0] >= len(expected_all), 60,
+        _wait(lambda: sql(port, db_events + " FINAL")[0][0] >= len(expected_all), 60,
               "all margin events stored")
-        snap_keys = _snapshot_keys(settings)
-        _wait(lambda: _sql(port, "SELECT count() FROM riskpipe.risk_snapshots FINAL")[0][0]
+        snap_keys = snapshot_keys(settings)
+        _wait(lambda: sql(port, "SELECT count() FROM riskpipe.risk_snapshots FINAL")[0][0]
               >= len(snap_keys), 60, "all risk snapshots stored")
 
-        stored_ids = [r[0] for r in _sql(port, "SELECT event_id FROM riskpipe.margin_events "
+        stored_ids = [r[0] for r in sql(port, "SELECT event_id FROM riskpipe.margin_events "
                                                "FINAL")]
         assert len(stored_ids) == len(set(stored_ids)) and set(stored_ids) == expected_all
         # the deduplication tokens kept even the raw (pre-merge) rows free of duplicates
-        assert _sql(port, db_events)[0][0] == len(expected_all)
-        snaps = _sql(port, "SELECT account, toUnixTimestamp64Milli(ts), seq, trigger "
+        assert sql(port, db_events)[0][0] == len(expected_all)
+        snaps = sql(port, "SELECT account, toUnixTimestamp64Milli(ts), seq, trigger "
                            "FROM riskpipe.risk_snapshots FINAL")
         assert {tuple(r) for r in snaps} == snap_keys and len(snaps) == len(snap_keys)
         reader.close()

@@ -12,7 +12,8 @@ import time
 import pytest
 
 from streams.publish import Publisher
-from tests.pipeline.harness import ChangelogReader, TopicReader, WorkerProcess
+from tests.pipeline.harness import (ChangelogReader, TopicReader, WorkerProcess, free_port,
+                                    snapshot_keys, sql)
 from tests.pipeline.workload import account_events, publish_reference, replay
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
@@ -88,6 +89,27 @@ def _check(settings, events_expected, proc, state, want):
     return got
 
 
+def _check_clickhouse(settings, port, events_expected, timeout=60):
+    """ClickHouse after FINAL, queried through the worker: every expected margin event and
+    every risk snapshot on the internal topic stored once. Returns the two counts."""
+    ids = {e["event_id"] for e in events_expected}
+    q = "SELECT event_id FROM riskpipe.margin_events FINAL"
+    deadline = time.time() + timeout
+    while time.time() < deadline and len(sql(port, q)) < len(ids):
+        time.sleep(0.5)
+    stored = [r[0] for r in sql(port, q)]
+    keys = snapshot_keys(settings)
+    deadline = time.time() + timeout
+    while time.time() < deadline and sql(
+            port, "SELECT count() FROM riskpipe.risk_snapshots FINAL")[0][0] < len(keys):
+        time.sleep(0.5)
+    snaps = sql(port, "SELECT account, toUnixTimestamp64Milli(ts), seq, trigger "
+                      "FROM riskpipe.risk_snapshots FINAL")
+    assert len(stored) == len(set(stored)) and set(stored) == ids
+    assert len(snaps) == len(keys) and {tuple(r) for r in snaps} == keys
+    return len(stored), len(snaps)
+
+
 def test_kill9_mid_stream_and_restart(settings):
     deposits, events = account_events(ACCOUNTS)
     expected, proc = replay(deposits + events)
@@ -105,14 +127,20 @@ def test_kill9_mid_stream_and_restart(settings):
     cl.close()
     w.kill9()
     t.join()
-    w2 = WorkerProcess(settings, name="w1-restarted").start()
+    # restarted on the same host: same embedded ClickHouse directory as the killed worker
+    port = free_port()
+    w2 = WorkerProcess(settings, name="w1-restarted", extra_env={
+        "RISKPIPE_CLICKHOUSE_DSN": w.env["RISKPIPE_CLICKHOUSE_DSN"],
+        "RISKPIPE_WEB_PORT": str(port)}).start()
     try:
         state, want = _wait_all_applied(settings, proc)
         got = _check(settings, expected, proc, state, want)
+        stored, snaps = _check_clickhouse(settings, port, expected)
     finally:
         w2.stop()
     print(f"margin events expected {len(expected)}, records on topic {len(got)} "
-          f"(re-emitted identical after kill -9: {len(got) - len(expected)})")
+          f"(re-emitted identical after kill -9: {len(got) - len(expected)}); ClickHouse after "
+          f"FINAL: {stored} margin events, {snaps} snapshots, none twice")
 
 
 def test_two_workers_split_partitions_and_match_single_worker(settings):
