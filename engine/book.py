@@ -86,15 +86,9 @@ class AccountBook:
         return self.start + self.count
 
     # -- positions ------------------------------------------------------------------------
-    def _slot(self, r: int, inst_row: int) -> int:
-        k = self._slots[r].get(inst_row)
-        return -1 if k is None else r * self.cap + k
-
     def get(self, account: str, instrument: str) -> tuple[float, float]:
-        if account not in self._row:
-            return 0.0, 0.0
-        j = self._slot(self._row[account], self.universe.row(instrument))
-        return (0.0, 0.0) if j < 0 else (float(self.qty[j]), float(self.cost[j]))
+        r = self._row.get(account)
+        return (0.0, 0.0) if r is None else self._get_row(r, self.universe.row(instrument))
 
     def set(self, account: str, instrument: str, qty: float, cost: float) -> None:
         """Set one position (or balance) of an account; a zero position frees its slot."""

@@ -94,25 +94,26 @@ def _produce(settings, records, rate=None):
     pub.flush(120)
 
 
-def _metric(port, name):
+def _scrape(port) -> list[str]:
+    """The worker's /metrics lines ([] while it is not answering)."""
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=1) as r:
-            for line in r.read().decode().splitlines():
-                if line.startswith(name + " "):
-                    return float(line.split()[1])
+            return r.read().decode().splitlines()
     except Exception:  # noqa: BLE001
-        return None
+        return []
+
+
+def _metric(port, name):
+    for line in _scrape(port):
+        if line.startswith(name + " "):
+            return float(line.split()[1])
     return None
 
 
 def _sink_rows(port) -> float:
     """Rows the worker's sink has stored so far, all tables."""
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=1) as r:
-            return sum(float(line.split()[1]) for line in r.read().decode().splitlines()
-                       if line.startswith("riskpipe_sink_rows_total{"))
-    except Exception:  # noqa: BLE001
-        return 0.0
+    return sum(float(line.split()[1]) for line in _scrape(port)
+               if line.startswith("riskpipe_sink_rows_total{"))
 
 
 def _rss_kb(pid) -> int:

@@ -212,9 +212,8 @@ def install(app, groups: dict[str, list[str]], max_fetches: dict[str, int] | Non
     """Give ``app`` the batch transport with one feed per named group of topics; call before
     the app starts. Returns the feeds by name."""
     transport = BatchTransport(app.conf.broker_consumer, app)
-    feeds = {name: Feed(topics, **({"max_fetches": max_fetches[name]}
-                                   if max_fetches and name in max_fetches else {}))
-             for name, topics in groups.items()}
+    bounds = max_fetches or {}
+    feeds = {name: Feed(topics, bounds.get(name, 16)) for name, topics in groups.items()}
     transport.feeds = {t: f for f in feeds.values() for t in f.topics}
     app.transport = transport
     return feeds

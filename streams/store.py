@@ -264,10 +264,10 @@ class ClickHouseSink:
         if isinstance(rows, dict):
             bad = invalid_rows(table, rows)
             if bad:
-                all_rows = column_rows(table, rows)
-                for k, reason in sorted(bad.items()):
+                ks = sorted(bad)
+                for k, row in zip(ks, column_rows(table, rows, ks)):
                     if self.on_rejected:
-                        await self.on_rejected(table, all_rows[k], reason)
+                        await self.on_rejected(table, row, bad[k])
                 keep = [k for k in range(n) if k not in bad]
                 rows = {c: [v[k] for k in keep] for c, v in rows.items()}
                 n = len(keep)
@@ -375,10 +375,13 @@ def n_columns_rows(cols: dict) -> int:
     return len(next(iter(cols.values()))) if cols else 0
 
 
-def column_rows(table: str, cols: dict) -> list[list]:
-    """Rows (table column order, ``ts`` as datetimes) of a dict of columns."""
-    return [[_from_json(c, v) for c, v in zip(COLUMNS[table], r)]
-            for r in zip(*(cols[c] for c in COLUMNS[table]))]
+def column_rows(table: str, cols: dict, idx=None) -> list[list]:
+    """Rows (table column order, ``ts`` as datetimes) of a dict of columns: all of them, or
+    those at the indexes ``idx``."""
+    names = COLUMNS[table]
+    if idx is None:
+        idx = range(n_columns_rows(cols))
+    return [[_from_json(c, cols[c][k]) for c in names] for k in idx]
 
 
 def snapshot_columns(msgs) -> dict[str, dict | list]:
