@@ -119,6 +119,9 @@ class Feed:
 class BatchConsumer(faust_aiokafka.Consumer):
     """Faust's aiokafka consumer with bulk hand-off of the feed's topics (see module doc)."""
 
+    def _new_consumer_thread(self):
+        return BatchConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
     @property
     def feeds(self) -> dict:
         """topic -> the feed its records go to"""
@@ -200,18 +203,39 @@ class BatchConsumer(faust_aiokafka.Consumer):
         notify(self._waiting_for_ack)
 
 
+class BatchConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
+    """Faust's consumer thread with a bounded broker-side fetch wait.
+
+    Why: the fetcher sends one fetch request per broker at a time, and skips partitions that
+    still hold fetched records the worker has not taken yet. While the worker is busy with a
+    batch, the request it sends covers only the quiet partitions (a topic with no traffic,
+    Faust's assignor topic); Faust asks the broker to hold such a request up to 1.5 s for
+    data, and until it returns no other partition of that broker is fetched. Capping the
+    wait bounds that stall (measured: 1 to 2 s gaps in the account topics' delivery at
+    10,000 events/s)."""
+
+    def _create_worker_consumer(self, transport):
+        consumer = super()._create_worker_consumer(transport)
+        wait_ms = getattr(transport, "fetch_max_wait_ms", None)
+        if wait_ms is not None:
+            consumer._fetch_max_wait_ms = int(wait_ms)  # read when the consumer starts
+        return consumer
+
+
 class BatchTransport(faust_aiokafka.Transport):
     """The aiokafka transport with :class:`BatchConsumer`; ``feeds`` is set by the app."""
 
     Consumer = BatchConsumer
     feeds: dict | None = None
+    fetch_max_wait_ms: int | None = None
 
 
-def install(app, groups: dict[str, list[str]], max_fetches: dict[str, int] | None = None
-            ) -> dict[str, Feed]:
+def install(app, groups: dict[str, list[str]], max_fetches: dict[str, int] | None = None,
+            fetch_max_wait_ms: int | None = None) -> dict[str, Feed]:
     """Give ``app`` the batch transport with one feed per named group of topics; call before
     the app starts. Returns the feeds by name."""
     transport = BatchTransport(app.conf.broker_consumer, app)
+    transport.fetch_max_wait_ms = fetch_max_wait_ms
     bounds = max_fetches or {}
     feeds = {name: Feed(topics, bounds.get(name, 16)) for name, topics in groups.items()}
     transport.feeds = {t: f for f in feeds.values() for t in f.topics}

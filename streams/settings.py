@@ -45,6 +45,9 @@ class Settings(BaseSettings):
     web_host: str = "127.0.0.1"
     batch_max: int = Field(2000, ge=1, description="max account events per micro-batch "
                            "(a batch takes what has arrived, without waiting to fill)")
+    fetch_max_wait_ms: int = Field(20, ge=1, le=1500, description="longest the broker holds a "
+                                   "fetch of the worker's topics waiting for data; while it "
+                                   "does, no other partition of that broker is fetched")
     coalesce_ms: int = Field(100, ge=0, description="max staleness of coalesced quotes")
     snapshot_interval_ms: int = Field(1000, ge=0, description="min ms between risk snapshots "
                                       "of one account")

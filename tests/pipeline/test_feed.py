@@ -116,3 +116,21 @@ def test_the_sink_can_wait_for_a_fuller_batch():
         return await feed.take(100, within=0.5)
     _, batch = asyncio.run(run())
     assert _offsets(batch) == [("t", 0, 0), ("t", 0, 1), ("t", 0, 2)]
+
+
+def test_the_worker_consumer_caps_the_broker_side_fetch_wait():
+    """Faust asks the broker to hold a fetch up to 1.5 s; while it does, no other partition of
+    that broker is fetched, so the worker's consumer must carry the configured cap instead."""
+    import faust
+
+    from streams.feed import install
+
+    async def build():
+        app = faust.App("feed-wait-test", broker="kafka://127.0.0.1:1")
+        install(app, {"accounts": ["trades"]}, fetch_max_wait_ms=20)
+        consumer = app.consumer  # the batch consumer, built by the transport installed above
+        thread = consumer._new_consumer_thread()
+        return thread._create_worker_consumer(app.transport)
+
+    aio = asyncio.run(build())
+    assert aio._fetch_max_wait_ms == 20
