@@ -212,6 +212,7 @@ def _latency(settings, port, rate, seconds, n_accounts, instruments, marks):
             tps.append(TopicPartition(t, p, hi))
     c.assign(tps)
     lat: list[float] = []
+    at: list[float] = []  # event time of each sample, for the per-second tail
     stop = threading.Event()
     # only this phase's events (a worker may still be finishing older input)
     since_ms = time.time() * 1000 - 1
@@ -228,11 +229,13 @@ def _latency(settings, port, rate, seconds, n_accounts, instruments, marks):
                     for trig, ts in zip(cols["trigger"], cols["ts"]):
                         if trig in ("TRADE", "COLLATERAL") and ts >= since_ms:
                             lat.append(produced_ms - ts)
+                            at.append(ts)
             else:
                 e = codec.decode(m.value())[1]
                 ts = e["ts"].timestamp() * 1000
                 if e["trigger"] in ("TRADE", "COLLATERAL") and ts >= since_ms:
                     lat.append(produced_ms - ts)
+                    at.append(ts)
 
     th = threading.Thread(target=consume, daemon=True)
     th.start()
@@ -257,11 +260,15 @@ def _latency(settings, port, rate, seconds, n_accounts, instruments, marks):
     th.join()
     c.close()
     a = np.array(lat) if lat else np.array([np.nan])
+    # p99 per second of the run: tells one long stall from a tail spread over the run
+    sec = ((np.array(at) - min(at)) // 1000).astype(int) if at else np.zeros(0, int)
+    by_second = [round(float(np.percentile(a[sec == k], 99)), 1)
+                 for k in range(int(sec.max()) + 1 if sec.size else 0) if np.any(sec == k)]
     return {"target_rate": rate, "achieved_rate": round(achieved, 1), "samples": len(lat),
             "p50_ms": round(float(np.percentile(a, 50)), 2),
             "p95_ms": round(float(np.percentile(a, 95)), 2),
             "p99_ms": round(float(np.percentile(a, 99)), 2),
-            "max_ms": round(float(np.max(a)), 2)}
+            "max_ms": round(float(np.max(a)), 2), "p99_ms_by_second": by_second}
 
 
 def _ready(settings, pub) -> None:
