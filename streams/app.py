@@ -82,6 +82,15 @@ class Pipeline:
                               settings.liquidation_buffer),
             snapshot_interval_ms=settings.snapshot_interval_ms)
         self.sink = sink
+        # roles: "all" does everything in one process; "margin" runs the account path and
+        # produces snapshots for a sink elsewhere; "sink" only stores the two output topics
+        self.margin_role = settings.role in ("all", "margin")
+        self.sink_role = settings.role in ("all", "sink") and sink is not None
+        if settings.role == "sink" and sink is None:
+            raise ValueError("the sink role needs a ClickHouse sink")
+        # risk snapshots and stress rows feed the results store, here or in a sink process
+        self.produces_snapshots = self.margin_role and (sink is not None or
+                                                        settings.role == "margin")
         self.out = OutputProducer(settings)
         if sink is not None:
             sink.on_rejected = self._sink_rejected
@@ -92,7 +101,7 @@ class Pipeline:
                         "market_ticks": 0}
         # seconds spent per stage (for the benchmark's breakdown and ops dashboards)
         self.timings = {"process": 0.0, "decode": 0.0, "apply": 0.0, "persist": 0.0,
-                        "flush": 0.0, "wait": 0.0, "sink": 0.0}
+                        "flush": 0.0, "wait": 0.0, "sink": 0.0, "stress": 0.0, "tick": 0.0}
         self.events_by_topic: dict[str, int] = {}
         self.gc_seconds = [0.0, 0.0, 0.0]  # per generation: collector pauses stall the loop
         self._gc_t0 = 0.0
@@ -125,7 +134,9 @@ class Pipeline:
         if s.kafka_security_protocol != "PLAINTEXT":
             kw["broker_credentials"] = _faust_credentials(s)
         app = faust.App(
-            s.app_id, broker=brokers, store=s.store, datadir=str(s.data_dir / "faust"),
+            # a sink process is its own consumer group: it reads only the output topics
+            s.app_id if self.margin_role else f"{s.app_id}-sink", broker=brokers,
+            store=s.store, datadir=str(s.data_dir / "faust"),
             topic_partitions=s.partitions, topic_replication_factor=s.replication_factor,
             processing_guarantee="at_least_once", consumer_auto_offset_reset="earliest",
             broker_commit_interval=1.0, broker_commit_every=10_000,
@@ -134,22 +145,38 @@ class Pipeline:
             producer_acks=-1, producer_linger_ms=2, table_standby_replicas=0,
             topic_allow_declare=True, key_serializer="raw", value_serializer="raw", **kw)
         self.app = app
-        self.table = app.Table("accounts", default=None, partitions=s.partitions,
-                               key_type=bytes, value_type=None)
         raw = dict(key_type=bytes, value_type=bytes, key_serializer="raw",
                    value_serializer="raw")
-        self.account_topic = app.topic(s.topic("trades"), s.topic("collateral"),
-                                       partitions=s.partitions, **raw)
         self.margin_topic = app.topic(s.topic("margin-calls"), partitions=s.partitions, **raw)
-
-        groups = {"accounts": [s.topic("trades"), s.topic("collateral")]}
-        if self.sink is not None:
+        self.snapshot_topic = app.topic(s.topic("risk-snapshots"), partitions=s.partitions,
+                                        **raw)
+        groups = {}
+        if self.margin_role:
+            groups["accounts"] = [s.topic("trades"), s.topic("collateral")]
+            self._build_margin(app, raw)
+        if self.sink_role:
             groups["sink-snapshots"] = [s.topic("risk-snapshots")]
             groups["sink-events"] = [s.topic("margin-calls")]
         self.feeds = install_feed(app, groups, {"sink-snapshots": s.sink_buffer,
                                                 "sink-events": s.sink_buffer},
                                   fetch_max_wait_ms=s.fetch_max_wait_ms)
-        self.feed = self.feeds["accounts"]
+        self.feed = self.feeds.get("accounts")
+        if self.sink_role:
+            self._build_sink(app)
+        if s.web_port > 0:
+            self._build_pages(app)
+        app.on_before_shutdown.connect(self._on_shutdown)
+        app.on_partitions_assigned.connect(self._on_assign)
+        app.on_partitions_revoked.connect(self._on_revoke)
+        return app
+
+    def _build_margin(self, app: faust.App, raw: dict) -> None:
+        """The account path: the accounts table and agent, the market reader, the timers."""
+        s = self.s
+        self.table = app.Table("accounts", default=None, partitions=s.partitions,
+                               key_type=bytes, value_type=None)
+        self.account_topic = app.topic(s.topic("trades"), s.topic("collateral"),
+                                       partitions=s.partitions, **raw)
 
         @app.agent(self.account_topic, concurrency=1, name="accounts")
         async def accounts(stream):
@@ -188,9 +215,6 @@ class Pipeline:
                 log.exception("broadcast reader failed; stopping the worker")
                 await app.crash(exc)
 
-        self.snapshot_topic = app.topic(s.topic("risk-snapshots"), partitions=s.partitions,
-                                        **raw)
-
         @app.timer(0.5)
         async def presync():
             """At start, load the recovered accounts into the engine as soon as the table is
@@ -205,32 +229,38 @@ class Pipeline:
 
         @app.timer(5.0)
         async def stress():
-            if self.sink is not None and self.ref_ready.is_set():
+            if self.produces_snapshots and self.ref_ready.is_set():
                 async with self.work_lock:
                     await self.sync()
                     per = {} if s.scenario_pnl else None
+                    t0 = time.perf_counter()
                     out = Output(stress=self.processor.stress(self.worker_id, per))
+                    self.timings["stress"] += time.perf_counter() - t0
                     await self.emit(out)
                     if per:
                         self._send_columns("scenario_pnl", per, chunk=20_000)
                         await self.out.flush()
 
-        if self.sink is not None:
-            @app.task
-            async def open_sink():
-                await self.sink.open()
+        self.accounts_agent = accounts
 
-            @app.agent(self.snapshot_topic, concurrency=1, name="sink-snapshots")
-            async def sink_snapshots(stream):
-                stream.channel.__aiter__()  # subscribes; records arrive through the feed
-                await self._sink_loop(self.feeds["sink-snapshots"], self.sink_snapshot_batch)
+    def _build_sink(self, app: faust.App) -> None:
+        """The sink agents: the two output topics into ClickHouse."""
+        @app.task
+        async def open_sink():
+            await self.sink.open()
 
-            @app.agent(self.margin_topic, concurrency=1, name="sink-events")
-            async def sink_events(stream):
-                stream.channel.__aiter__()
-                await self._sink_loop(self.feeds["sink-events"], self.sink_event_batch)
+        @app.agent(self.snapshot_topic, concurrency=1, name="sink-snapshots")
+        async def sink_snapshots(stream):
+            stream.channel.__aiter__()  # subscribes; records arrive through the feed
+            await self._sink_loop(self.feeds["sink-snapshots"], self.sink_snapshot_batch)
 
-        if s.web_port > 0:
+        @app.agent(self.margin_topic, concurrency=1, name="sink-events")
+        async def sink_events(stream):
+            stream.channel.__aiter__()
+            await self._sink_loop(self.feeds["sink-events"], self.sink_event_batch)
+
+    def _build_pages(self, app: faust.App) -> None:
+        if self.sink_role:
             @app.page("/sql")
             async def sql(web, request):
                 """Read-only SQL on the worker's store, for analysts while the worker runs
@@ -245,15 +275,9 @@ class Pipeline:
                 return web.json({"columns": list(r.column_names),
                                  "rows": [[_jsonable(v) for v in row] for row in r.result_rows]})
 
-            @app.page("/metrics")
-            async def metrics(web, request):
-                return web.text(self.prometheus(), content_type="text/plain")
-
-        app.on_before_shutdown.connect(self._on_shutdown)
-        app.on_partitions_assigned.connect(self._on_assign)
-        app.on_partitions_revoked.connect(self._on_revoke)
-        self.accounts_agent = accounts
-        return app
+        @app.page("/metrics")
+        async def metrics(web, request):
+            return web.text(self.prometheus(), content_type="text/plain")
 
     async def _on_assign(self, sender, assigned, **kw):
         self.needs_sync = True
@@ -439,7 +463,7 @@ class Pipeline:
                        self.codec.encode("MarginEvent", evt))
         for r in out.rejected:
             self._dead_letter(r, (messages or {}).get((r.topic, r.partition, r.offset)))
-        if self.sink is not None and (n_rows(out.snapshots) or out.stress):
+        if self.produces_snapshots and (n_rows(out.snapshots) or out.stress):
             self._send_snapshots(out)
         self.metrics["margin_events"] += len(out.events)
         # one flush for the whole unit of work: every record above is acknowledged before the
@@ -535,7 +559,10 @@ class Pipeline:
 
     def ready(self) -> bool:
         """Serving: reference data loaded, the accounts table recovered from its changelog and
-        loaded into the engine (a readiness probe; /metrics answers earlier)."""
+        loaded into the engine (a readiness probe; /metrics answers earlier). A sink process:
+        its store opened and migrated."""
+        if not self.margin_role:
+            return self.sink.opened
         return self.ref_ready.is_set() and self._recovered() and not self.needs_sync
 
     def _gc_callback(self, phase, info) -> None:
@@ -675,7 +702,10 @@ class Pipeline:
         async with self.work_lock:
             await self.sync()
             self.metrics["market_ticks"] += 1
-            await self.emit(self.processor.on_market_tick())
+            t0 = time.perf_counter()
+            out = self.processor.on_market_tick()
+            self.timings["tick"] += time.perf_counter() - t0
+            await self.emit(out)
 
 
 def _partitions(s: Settings, topics) -> dict[str, list[int]]:

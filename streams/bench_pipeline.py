@@ -136,13 +136,16 @@ def _start_worker(settings, name, port, naive=False, extra=None):
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
-def _throughput(settings, name, port, warmup, load, naive=False, timeout=600):
+def _throughput(settings, name, port, warmup, load, naive=False, timeout=600, extra=None,
+                sink_port=None):
     """Start a worker, feed it the deposits (``warmup``) and wait until it has applied them,
     then publish ``load`` as fast as possible and time the worker from its first to its last
     event of the load. Deposits come first because trades and collateral travel on two topics:
     a trade overtaking its account's deposit would put the account through a spurious
-    liquidation (and the benchmark would measure liquidation plans, not throughput)."""
-    p = _start_worker(settings, name, port, naive=naive)
+    liquidation (and the benchmark would measure liquidation plans, not throughput).
+    ``sink_port``: the web port of a separate sink process (else the worker's own sink)."""
+    p = _start_worker(settings, name, port, naive=naive, extra=extra)
+    sink_port = sink_port or port
     try:
         def count():
             if p.poll() is not None:
@@ -177,10 +180,10 @@ def _throughput(settings, name, port, warmup, load, naive=False, timeout=600):
                "events_per_s": round((seen - first) / (t_last - t_first), 1),
                "rss_mb": round(rss / 1024, 1)}
         if not naive:  # the same window, closed when the sink has stored the load's rows
-            t_sink, rows = t_last, _sink_rows(port)
+            t_sink, rows = t_last, _sink_rows(sink_port)
             while time.time() < deadline and time.perf_counter() - t_sink < 2.0:
                 time.sleep(0.05)
-                now_rows = _sink_rows(port)
+                now_rows = _sink_rows(sink_port)
                 if now_rows != rows:
                     rows, t_sink = now_rows, time.perf_counter()
             out["sink_rows"] = int(rows)
@@ -352,7 +355,7 @@ def fanout(n_accounts=100_000, positions=20):
 
 
 def run(events=200_000, accounts=20_000, latency_rate=10_000, latency_seconds=10,
-        port=39092, baseline_events=None) -> dict:
+        port=39092, baseline_events=None, sink_process=True) -> dict:
     from .demo import kafka
     from .simulator import Market
     from .topics import create_topics
@@ -373,7 +376,12 @@ def run(events=200_000, accounts=20_000, latency_rate=10_000, latency_seconds=10
                                  "mix": "a deposit per account first (warm-up, not timed), "
                                         "then 85% trades / 15% collateral changes on random "
                                         "accounts and instruments",
-                                 "sink": "embedded ClickHouse (chDB), on"}}
+                                 "sink": "embedded ClickHouse (chDB), on, " + (
+                                     "in its own process (worker --role margin, plus a "
+                                     "--role sink process)" if sink_process else
+                                     "in the worker's process (--role all)")}}
+    margin = {"RISKPIPE_ROLE": "margin"} if sink_process else None
+    sink = None
     try:
         create_topics(s)
         ins = _instruments()
@@ -383,7 +391,15 @@ def run(events=200_000, accounts=20_000, latency_rate=10_000, latency_seconds=10
         _publish_reference(Publisher(s), ins, quotes)
         recs = _workload(events + accounts, accounts, ins, marks)
         warmup, load = recs[:accounts], recs[accounts:]
-        result["riskpipe_worker"] = _throughput(s, "worker", 16066, warmup, load)
+        if sink_process:
+            sink = _start_worker(s, "sink", 16068, extra={"RISKPIPE_ROLE": "sink"})
+            deadline = time.time() + 120
+            while _metric(16068, "riskpipe_ready") != 1:
+                if sink.poll() is not None or time.time() > deadline:
+                    raise RuntimeError(f"sink process not ready; see {data / 'sink.log'}")
+                time.sleep(0.2)
+        result["riskpipe_worker"] = _throughput(s, "worker", 16066, warmup, load, extra=margin,
+                                                sink_port=16068 if sink_process else None)
         nb = baseline_events or min(events, 30_000)
         s2 = Settings(kafka_bootstrap=s.kafka_bootstrap, topic_prefix=f"benchnaive{run_id}.",
                       app_id=f"bench-naive-{run_id}", data_dir=data)
@@ -395,7 +411,7 @@ def run(events=200_000, accounts=20_000, latency_rate=10_000, latency_seconds=10
         result["throughput_ratio"] = round(result["riskpipe_worker"]["events_per_s"] /
                                            result["naive_faust_agent"]["events_per_s"], 2)
         # latency with the (warm) worker consuming live
-        p = _start_worker(s, "worker", 16066)
+        p = _start_worker(s, "worker", 16066, extra=margin)
         try:
             deadline = time.time() + 300
             while time.time() < deadline and _metric(16066, "riskpipe_ready") != 1 \
@@ -405,6 +421,8 @@ def run(events=200_000, accounts=20_000, latency_rate=10_000, latency_seconds=10
             result["latency"] = _latency(s, 16066, latency_rate, latency_seconds, accounts,
                                          ins, marks)
             result["latency"]["rss_mb"] = round(_rss_kb(p.pid) / 1024, 1)
+            if sink is not None:
+                result["latency"]["sink_process_rss_mb"] = round(_rss_kb(sink.pid) / 1024, 1)
             time.sleep(20)  # drain the backlog before measuring below saturation
             result["latency_below_saturation"] = _latency(
                 s, 16066, max(1, latency_rate // 5), latency_seconds, accounts, ins, marks)
@@ -412,6 +430,9 @@ def run(events=200_000, accounts=20_000, latency_rate=10_000, latency_seconds=10
             p.terminate()
             p.wait(60)
     finally:
+        if sink is not None:
+            sink.terminate()
+            sink.wait(60)
         if started:
             kafka("down", port)
     result["fanout"] = fanout()

@@ -38,11 +38,14 @@ def bench_pipeline(events: int = typer.Option(200_000, help="input events for th
                    latency_seconds: int = typer.Option(10),
                    port: int = typer.Option(39092, help="local Kafka port for the run"),
                    baseline_events: int = typer.Option(30_000, help="events for the naive "
-                                                       "per-event baseline")):
+                                                       "per-event baseline"),
+                   sink_process: bool = typer.Option(True, help="ClickHouse sink in its own "
+                                                     "process (roles margin + sink); "
+                                                     "--no-sink-process: one process")):
     """Worker throughput, latency and fan-out through the real broker vs a naive agent."""
     from .bench_pipeline import run
     typer.echo(json.dumps(run(events, accounts, latency_rate, latency_seconds, port,
-                              baseline_events), indent=2))
+                              baseline_events, sink_process), indent=2))
 
 
 def _settings(**overrides):
@@ -79,17 +82,21 @@ def init():
 
 
 @app.command()
-def worker(loglevel: str = typer.Option("info", help="log level")):
+def worker(loglevel: str = typer.Option("info", help="log level"),
+           role: str = typer.Option("", help="all (default), margin or sink; overrides "
+                                    "RISKPIPE_ROLE. margin + sink processes keep the "
+                                    "ClickHouse inserts off the account path's interpreter")):
     """Run a margin worker (Faust) until interrupted."""
-    s = _settings()
+    s = _settings(**({"role": role} if role else {}))
     from .topics import create_topics
     create_topics(s)
     from .app import create_app
     from .store import make_sink
-    pipe = create_app(s, sink=make_sink(s))
+    pipe = create_app(s, sink=None if s.role == "margin" else make_sink(s))
     from faust import Worker
     import engine
-    engine.warm_up()  # kernels loaded before the first live event, not during it
+    if s.role != "sink":
+        engine.warm_up()  # kernels loaded before the first live event, not during it
     _tune_gc()
     Worker(pipe.app, loglevel=loglevel, redirect_stdouts=False).execute_from_commandline()
 

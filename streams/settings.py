@@ -41,6 +41,11 @@ class Settings(BaseSettings):
         "memory://", description="Faust table store. Only memory:// for now: account records "
         "are also written from market ticks (outside an agent event), which Faust's RocksDB "
         "store does not allow; durability comes from the changelog either way")
+    role: Literal["all", "margin", "sink"] = Field(
+        "all", description="what this worker runs: all (account path and ClickHouse sink in "
+        "one process), margin (account path; snapshots go to the topic for a sink process) "
+        "or sink (only stores margin-calls and risk-snapshots in ClickHouse: its own "
+        "consumer group, so it can run in its own process and scale on its own)")
     web_port: int = Field(6066, description="worker web port (metrics, SQL endpoint)")
     web_host: str = "127.0.0.1"
     batch_max: int = Field(2000, ge=1, description="max account events per micro-batch "

@@ -247,6 +247,13 @@ class ClickHouseSink:
             await self._call(warm)
         except Exception as e:  # noqa: BLE001 - the write path retries with backoff
             log.warning("ClickHouse not reachable at start (%s); inserts will retry", _short(e))
+        else:
+            log.info("results store ready: %s", self.s.clickhouse_dsn_redacted)
+
+    @property
+    def opened(self) -> bool:
+        """Connected and migrated at least once (a sink process's readiness)."""
+        return self.store is not None
 
     async def _call(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)

@@ -4,10 +4,13 @@
   offline replay's margin event ids (re-emitted ids carry identical content, so consumers that
   deduplicate by id see every event once);
 * two workers: the partitions are split between them and the results equal a single worker's;
-* recovery from the changelog after losing all local state.
+* recovery from the changelog after losing all local state;
+* the ClickHouse sink in its own process (``--role sink``) beside a ``--role margin`` worker,
+  killed with -9 mid-stream and restarted: every row still stored once.
 """
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -190,3 +193,43 @@ def test_recovery_from_changelog_after_losing_local_state(settings):
         _check(settings, expected2, proc2, state, want)
     finally:
         w2.stop()
+
+
+def test_sink_process_killed_mid_stream_and_restarted_stores_everything_once(settings):
+    """The split deployment: the margin worker never touches ClickHouse, a sink process of its
+    own consumer group stores both output topics. A kill -9 of the sink loses nothing: its
+    offsets are committed only after the rows are stored, and re-inserted rows collapse."""
+    deposits, events = account_events(ACCOUNTS)
+    expected, proc = replay(deposits + events)
+    publish_reference(Publisher(settings))
+    port = free_port()
+    sink_env = {"RISKPIPE_ROLE": "sink", "RISKPIPE_WEB_PORT": str(port)}
+    sink = WorkerProcess(settings, name="sink", extra_env=sink_env).start(wait_ready=False)
+    sink.wait_for("results store ready", 90)
+    margin = WorkerProcess(settings, name="margin", extra_env={"RISKPIPE_ROLE": "margin"})
+    margin.start()
+    sink2 = None
+    try:
+        _publish_deposits(settings, deposits)
+        t = threading.Thread(target=_publish, args=(settings, events, 1500))
+        t.start()
+        deadline = time.time() + 60
+        while time.time() < deadline and sql(
+                port, "SELECT count() FROM riskpipe.margin_events")[0][0] < len(expected) // 4:
+            time.sleep(0.2)
+        sink.kill9()
+        t.join()
+        # the margin worker never opened a store of its own
+        assert not Path(margin.env["RISKPIPE_CLICKHOUSE_DSN"].removeprefix("chdb://")).exists()
+        sink2 = WorkerProcess(settings, name="sink-restarted", extra_env={
+            **sink_env, "RISKPIPE_CLICKHOUSE_DSN": sink.env["RISKPIPE_CLICKHOUSE_DSN"]})
+        sink2.start(wait_ready=False).wait_for("results store ready", 90)
+        state, want = _wait_all_applied(settings, proc)
+        _check(settings, expected, proc, state, want)
+        stored, snaps = _check_clickhouse(settings, port, expected)
+    finally:
+        margin.stop()
+        if sink2 is not None:
+            sink2.stop()
+    print(f"split deployment, sink killed -9 mid-stream: ClickHouse after FINAL {stored} "
+          f"margin events, {snaps} snapshots, none twice")
