@@ -97,6 +97,9 @@ def worker(loglevel: str = typer.Option("info", help="log level"),
     import engine
     if s.role != "sink":
         engine.warm_up()  # kernels loaded before the first live event, not during it
+    elif s.sink_nice:
+        import os
+        os.nice(s.sink_nice)  # analytics ingestion yields the CPU to margin on a shared host
     _tune_gc()
     Worker(pipe.app, loglevel=loglevel, redirect_stdouts=False).execute_from_commandline()
 

@@ -46,6 +46,9 @@ class Settings(BaseSettings):
         "one process), margin (account path; snapshots go to the topic for a sink process) "
         "or sink (only stores margin-calls and risk-snapshots in ClickHouse: its own "
         "consumer group, so it can run in its own process and scale on its own)")
+    sink_nice: int = Field(10, ge=0, le=19, description="CPU niceness a sink process (role "
+                           "sink) adds to itself: on a host it shares with margin workers, "
+                           "the inserts wait for spare CPU instead of delaying margin calls")
     web_port: int = Field(6066, description="worker web port (metrics, SQL endpoint)")
     web_host: str = "127.0.0.1"
     batch_max: int = Field(2000, ge=1, description="max account events per micro-batch "
