@@ -232,6 +232,11 @@ class Pipeline:
                     self._recovered() and not self.app.in_recovery:
                 async with self.work_lock:
                     await self.sync()
+                    if gc.get_freeze_count():  # the start-up heap was frozen (cli._tune_gc)
+                        # the recovered accounts are long-lived too: out of the collector's
+                        # sight, or its first full collection walks them during live traffic
+                        gc.collect()
+                        gc.freeze()
 
         @app.timer(5.0)
         async def stress():

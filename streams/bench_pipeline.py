@@ -110,6 +110,12 @@ def _metric(port, name):
     return None
 
 
+def _gc_seconds(port) -> float:
+    """The worker's collector pauses so far (all generations)."""
+    return sum(float(line.split()[-1]) for line in _scrape(port)
+               if line.startswith("riskpipe_gc_seconds_total{"))
+
+
 def _sink_rows(port) -> float:
     """Rows the worker's sink has stored so far, all tables."""
     return sum(float(line.split()[1]) for line in _scrape(port)
@@ -242,6 +248,7 @@ def _latency(settings, port, rate, seconds, n_accounts, instruments, marks):
 
     th = threading.Thread(target=consume, daemon=True)
     th.start()
+    gc0 = _gc_seconds(port)
     pub = Publisher(settings, **{"linger.ms": 1})
     _ready(settings, pub)
     rng = np.random.default_rng(9)
@@ -271,7 +278,8 @@ def _latency(settings, port, rate, seconds, n_accounts, instruments, marks):
             "p50_ms": round(float(np.percentile(a, 50)), 2),
             "p95_ms": round(float(np.percentile(a, 95)), 2),
             "p99_ms": round(float(np.percentile(a, 99)), 2),
-            "max_ms": round(float(np.max(a)), 2), "p99_ms_by_second": by_second}
+            "max_ms": round(float(np.max(a)), 2), "p99_ms_by_second": by_second,
+            "worker_gc_pause_s": round(_gc_seconds(port) - gc0, 3)}
 
 
 def _ready(settings, pub) -> None:
