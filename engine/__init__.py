@@ -61,3 +61,4 @@ def warm_up() -> None:
         for pnl in (False, True):
             book.margin(rs, rows, parallel=parallel, scenario_pnl=pnl)
     book.margin(rs, rows[:1])
+    book.rows_holding("W")

@@ -1,15 +1,19 @@
 """Account books: positions and balances of many accounts, ready for the margin kernel.
 
-Storage is CSR with slack: account ``a`` owns slots ``a*cap .. a*cap+count[a]`` of flat arrays,
-so a trade updates one slot in place (no rebuild) and a market move margins every account with
-one kernel call over ``start``/``end``. When an account needs more slots than ``cap``, the layout
-is rebuilt with twice the capacity (amortised O(1)).
+Storage is CSR with slack: account row ``r`` owns slots ``start[r] .. start[r]+capa[r]`` of flat
+arrays, of which the first ``count[r]`` hold its positions, so a trade updates one slot in place
+(no rebuild) and a market move margins every account with one kernel call over
+``start``/``end``. An account that needs more slots than it has moves alone to a region twice
+its size at the end of the arrays: re-laying the whole book instead (every account at twice the
+capacity) paused a worker for ~90 ms at 20,000 accounts and doubled the memory of every account
+for the sake of one. The arrays themselves grow geometrically (amortised O(1)).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
+import numba as nb
 import numpy as np
 
 from .errors import InvalidParameter, InvalidPrice, InvalidQuantity
@@ -28,14 +32,35 @@ class Position:
 class AccountBook:
     def __init__(self, universe: Universe, capacity: int = 8):
         self.universe = universe
-        self.cap = max(1, int(capacity))
+        self.cap = max(1, int(capacity))  # slots given to a new account
         self._row: dict[str, int] = {}
         self._slots: list[dict[int, int]] = []  # per row: instrument row -> slot within row
         self.ids: list[str] = []
         self.count = np.zeros(0, dtype=np.int64)
+        self._start = np.zeros(0, dtype=np.int64)  # per row: first slot of its region
+        self._capa = np.zeros(0, dtype=np.int64)   # per row: slots in its region
+        self._tail = 0                              # first slot no region uses
         self.inst = np.zeros(0, dtype=np.int64)
         self.qty = np.zeros(0, dtype=np.float64)
         self.cost = np.zeros(0, dtype=np.float64)
+
+    @classmethod
+    def from_dense(cls, universe: Universe, ids, inst, qty, cost) -> "AccountBook":
+        """A book of ``len(ids)`` accounts holding ``inst.shape[1]`` positions each, from 2-D
+        arrays (row ``r``: the account ``ids[r]``); for benchmarks and bulk loads."""
+        n, k = inst.shape
+        book = cls(universe, capacity=k)
+        book.ids = list(ids)
+        book._row = {a: r for r, a in enumerate(book.ids)}
+        book._slots = [{int(i): j for j, i in enumerate(row)} for row in inst.tolist()]
+        book.count = np.full(n, k, dtype=np.int64)
+        book._start = np.arange(n, dtype=np.int64) * k
+        book._capa = np.full(n, k, dtype=np.int64)
+        book._tail = n * k
+        book.inst = np.ascontiguousarray(inst, dtype=np.int64).ravel()
+        book.qty = np.ascontiguousarray(qty, dtype=np.float64).ravel()
+        book.cost = np.ascontiguousarray(cost, dtype=np.float64).ravel()
+        return book
 
     # -- layout ---------------------------------------------------------------------------
     def __len__(self):
@@ -55,31 +80,45 @@ class AccountBook:
             self._slots.append({})
             if r >= self.count.shape[0]:
                 self._grow_rows(max(16, 2 * self.count.shape[0]))
+            self._alloc(r, self.cap)
         return r
 
     def _grow_rows(self, n_rows):
         old = self.count.shape[0]
-        self.count = np.concatenate([self.count, np.zeros(n_rows - old, dtype=np.int64)])
-        extra = (n_rows - old) * self.cap
-        self.inst = np.concatenate([self.inst, np.zeros(extra, dtype=np.int64)])
-        self.qty = np.concatenate([self.qty, np.zeros(extra)])
-        self.cost = np.concatenate([self.cost, np.zeros(extra)])
+        pad = np.zeros(n_rows - old, dtype=np.int64)
+        self.count = np.concatenate([self.count, pad])
+        self._start = np.concatenate([self._start, pad])
+        self._capa = np.concatenate([self._capa, pad])
 
-    def _grow_cap(self, new_cap):
-        n = self.count.shape[0]
-        inst = np.zeros(n * new_cap, dtype=np.int64)
-        qty = np.zeros(n * new_cap)
-        cost = np.zeros(n * new_cap)
-        for arr_new, arr_old in ((inst, self.inst), (qty, self.qty), (cost, self.cost)):
-            arr_new.reshape(n, new_cap)[:, :self.cap] = arr_old.reshape(n, self.cap)
-        self.inst, self.qty, self.cost, self.cap = inst, qty, cost, new_cap
+    def _alloc(self, r: int, size: int) -> None:
+        """Give row ``r`` a fresh region of ``size`` slots at the tail (its old one is left
+        unused)."""
+        need = self._tail + size
+        if need > self.inst.shape[0]:
+            n = max(need, 2 * self.inst.shape[0], 1024)
+            for name in ("inst", "qty", "cost"):
+                old = getattr(self, name)
+                grown = np.zeros(n, dtype=old.dtype)
+                grown[:old.shape[0]] = old
+                setattr(self, name, grown)
+        self._start[r] = self._tail
+        self._capa[r] = size
+        self._tail = need
+
+    def reserve(self, r: int, slots: int) -> None:
+        """Make room for ``slots`` positions in row ``r``: if its region is smaller, it moves
+        (alone) to a new region of at least twice the size, keeping its positions."""
+        if slots <= self._capa[r]:
+            return
+        old, c = int(self._start[r]), int(self.count[r])
+        self._alloc(r, max(slots, 2 * int(self._capa[r])))
+        new = int(self._start[r])
+        for arr in (self.inst, self.qty, self.cost):
+            arr[new:new + c] = arr[old:old + c]
 
     @property
     def start(self) -> np.ndarray:
-        s = getattr(self, "_start", None)
-        if s is None or s.shape[0] != self.count.shape[0] or (s.shape[0] > 1 and s[1] != self.cap):
-            s = self._start = np.arange(self.count.shape[0], dtype=np.int64) * self.cap
-        return s
+        return self._start
 
     @property
     def end(self) -> np.ndarray:
@@ -107,28 +146,30 @@ class AccountBook:
         k = self._slots[r].get(i)
         if k is None:
             return 0.0, 0.0
-        j = r * self.cap + k
+        j = int(self._start[r]) + k
         return float(self.qty[j]), float(self.cost[j])
 
     def _put(self, r: int, i: int, qty: float, cost: float) -> None:
         """Write one checked position of row ``r``; a zero position frees its slot."""
         slots = self._slots[r]
         k = slots.get(i)
-        j = -1 if k is None else r * self.cap + k
+        base = int(self._start[r])
+        j = -1 if k is None else base + k
         if qty == 0.0 and cost == 0.0:
             if j >= 0:
-                last = r * self.cap + int(self.count[r]) - 1
+                last = base + int(self.count[r]) - 1
                 moved = int(self.inst[last])
                 self.inst[j], self.qty[j], self.cost[j] = moved, self.qty[last], self.cost[last]
-                slots[moved] = j - r * self.cap
+                slots[moved] = j - base
                 del slots[i]
                 self.count[r] -= 1
             return
         if j < 0:
-            if self.count[r] == self.cap:
-                self._grow_cap(self.cap * 2)
             k = int(self.count[r])
-            j = r * self.cap + k
+            if k == self._capa[r]:
+                self.reserve(r, k + 1)
+                base = int(self._start[r])
+            j = base + k
             self.count[r] += 1
             self.inst[j] = i
             slots[i] = k
@@ -146,7 +187,7 @@ class AccountBook:
         r = self._row.get(account)
         if r is None:
             return []
-        base = r * self.cap
+        base = int(self._start[r])
         end = base + int(self.count[r])
         names = self.universe.instruments
         return [(names[i].id, q, c) for i, q, c in zip(self.inst[base:end].tolist(),
@@ -241,10 +282,7 @@ class AccountBook:
         n = len(self.ids)
         if n == 0:
             return np.zeros(0, dtype=np.int64)
-        und = self.universe.arrays.und
-        slots = self.inst[: n * self.cap].reshape(n, self.cap)
-        valid = np.arange(self.cap)[None, :] < self.count[:n, None]
-        return np.flatnonzero(((und[slots] == u) & valid).any(axis=1)).astype(np.int64)
+        return _rows_holding(self.universe.arrays.und, u, self._start, self.count, self.inst, n)
 
     def margin(self, rs: RiskSet, rows=None, parallel: bool | None = None,
                scenario_pnl: bool = False) -> MarginResult:
@@ -264,3 +302,18 @@ class AccountBook:
 
     def margin_account(self, account: str, rs: RiskSet) -> MarginResult:
         return self.margin(rs, np.array([self.row(account)], dtype=np.int64), parallel=False)
+
+
+@nb.njit(cache=True)
+def _rows_holding(und, u, start, count, inst, n):
+    """Rows among the first ``n`` with a slot whose instrument belongs to underlying ``u``."""
+    out = np.empty(n, dtype=np.int64)
+    m = 0
+    for r in range(n):
+        s = start[r]
+        for j in range(s, s + count[r]):
+            if und[inst[j]] == u:
+                out[m] = r
+                m += 1
+                break
+    return out[:m]

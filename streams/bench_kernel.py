@@ -98,13 +98,9 @@ def risk_arrays_numpy(uni, mkt, rs_like):
 
 def build_book(uni, n_accounts, n_positions, seed=2):
     rng = np.random.default_rng(seed)
-    book = E.AccountBook(uni, capacity=n_positions)
     n_inst = len(uni)
     tradable = np.flatnonzero(uni.arrays.kind != 0)
     n = n_accounts
-    book.ids = [f"acct-{i}" for i in range(n)]
-    book._row = {a: i for i, a in enumerate(book.ids)}
-    book.count = np.full(n, n_positions, dtype=np.int64)
     inst = np.empty((n, n_positions), dtype=np.int64)
     inst[:, 0] = uni.row("USD")
     inst[:, 1] = uni.row("BTC")
@@ -116,8 +112,7 @@ def build_book(uni, n_accounts, n_positions, seed=2):
     cost = np.zeros((n, n_positions))
     fut = np.isin(uni.arrays.kind[inst], (1, 2))
     cost[fut] = qty[fut] * 60_000 * 0.99
-    book.inst, book.qty, book.cost = inst.ravel(), qty.ravel(), cost.ravel()
-    book._slots = [{int(i): k for k, i in enumerate(row)} for row in inst]
+    book = E.AccountBook.from_dense(uni, [f"acct-{i}" for i in range(n)], inst, qty, cost)
     assert n_inst == len(uni)
     return book
 

@@ -318,12 +318,12 @@ def fanout(n_accounts=100_000, positions=20):
     uni = proc.universe
     tradable = np.array([uni.row(i.id) for i in ins if i.underlying == "BTC"])
     usd = uni.row("USD")
-    book._grow_cap(positions)
+    book.cap = positions  # slots for each new account
     for a in range(n_accounts):
         acct = f"acct-{a:06d}"
         r = book.row(acct)
         rows = rng.choice(tradable, positions - 1, replace=False)
-        base = r * book.cap
+        base = int(book.start[r])
         book.inst[base] = usd
         book.qty[base] = 1e6
         book.inst[base + 1:base + positions] = rows

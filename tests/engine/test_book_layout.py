@@ -1,0 +1,66 @@
+"""The account book's storage: accounts that outgrow their slots move alone, and every read
+(positions, margin over ``start``/``end``, holders of an underlying) agrees with a plain
+dict-of-positions model through random trades, deposits, closes and reloads."""
+import numpy as np
+
+import engine as E
+from tests.engine.conftest import NOW, make_market, make_universe
+
+
+def _model_positions(model, acct):
+    return sorted((i, q, c) for i, (q, c) in model.get(acct, {}).items())
+
+
+def test_random_operations_match_a_dict_model_and_margin_is_layout_independent():
+    uni = make_universe()
+    rs = make_market(uni).risk_set(NOW)
+    rng = np.random.default_rng(5)
+    book = E.AccountBook(uni, capacity=2)  # tiny regions: accounts move often
+    model: dict[str, dict[str, tuple[float, float]]] = {}
+    ids = [inst.id for inst in uni.instruments if inst.kind != E.Kind.SPOT]
+    accts = [f"a{k}" for k in range(40)]
+    for step in range(4000):
+        a = accts[int(rng.integers(len(accts)))]
+        op = rng.random()
+        if op < 0.1:
+            book.apply_collateral(a, "USD", 1000.0)
+        elif op < 0.8:
+            inst = ids[int(rng.integers(len(ids)))]
+            book.apply_trade(a, inst, float(rng.choice([-1, 1]) * 0.5), 100.0)
+        elif op < 0.95 and book.positions(a):
+            p = book.positions(a)[int(rng.integers(len(book.positions(a))))]
+            book.set(a, p.instrument, 0.0, 0.0)  # close: frees the slot
+        else:
+            book.load(a, book.positions(a)[::-1])  # reload in another order
+        model[a] = {p.instrument: (p.quantity, p.cost) for p in book.positions(a)}
+    moved = book._start[:len(book.ids)] != np.arange(len(book.ids)) * 2
+    assert moved.any() and book.count.max() > 2  # regions did move and grow
+
+    # every account's slots are inside its own region, and regions never overlap
+    n = len(book.ids)
+    spans = sorted((int(book._start[r]), int(book._start[r] + book._capa[r])) for r in range(n))
+    assert all(e1 <= s2 for (_, e1), (s2, _) in zip(spans, spans[1:]))
+    assert (book.count[:n] <= book._capa[:n]).all()
+
+    # the same positions, rebuilt densely, margin bit-identically
+    k = int(book.count[:n].max())
+    inst = np.zeros((n, k), dtype=np.int64)
+    qty = np.zeros((n, k))
+    cost = np.zeros((n, k))
+    for r, a in enumerate(book.ids):
+        for j, (i, q, c) in enumerate(book.position_tuples(a)):
+            inst[r, j], qty[r, j], cost[r, j] = uni.row(i), q, c
+    usd = uni.row("USD")
+    for r in range(n):  # pad with zero USD balances (no effect on any figure)
+        inst[r, int(book.count[r]):] = usd
+    dense = E.AccountBook.from_dense(uni, book.ids, inst, qty, cost)
+    got, want = book.margin(rs), dense.margin(rs)
+    for f in ("equity", "im", "mm"):
+        assert np.array_equal(getattr(got, f), getattr(want, f)), f
+
+    # holders of an underlying: the compiled scan equals a scan of the model
+    for und in ("BTC", "ETH"):
+        expect = [r for r, a in enumerate(book.ids) if any(
+            uni.instruments[uni.row(i)].underlying == und or i == und
+            for i in model.get(a, {}))]
+        assert book.rows_holding(und).tolist() == expect, und
