@@ -160,7 +160,8 @@ class Pipeline:
             groups["sink-events"] = [s.topic("margin-calls")]
         self.feeds = install_feed(app, groups, {"sink-snapshots": s.sink_buffer,
                                                 "sink-events": s.sink_buffer},
-                                  fetch_max_wait_ms=s.fetch_max_wait_ms)
+                                  fetch_max_wait_ms=s.fetch_max_wait_ms,
+                                  prefetch_backoff_ms=s.prefetch_backoff_ms)
         self.feed = self.feeds.get("accounts")
         if self.sink_role:
             self._build_sink(app)

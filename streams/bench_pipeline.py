@@ -294,6 +294,8 @@ def _ready(settings, pub) -> None:
             pass
     pub.producer.produce(topic, b"", b"probe")
     pub.flush(60)
+    for t in ("trades", "collateral"):  # leaders known before the first timed record
+        pub.producer.list_topics(settings.topic(t), timeout=30)
 
 
 def fanout(n_accounts=100_000, positions=20):

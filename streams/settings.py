@@ -56,6 +56,9 @@ class Settings(BaseSettings):
     fetch_max_wait_ms: int = Field(20, ge=1, le=1500, description="longest the broker holds a "
                                    "fetch of the worker's topics waiting for data; while it "
                                    "does, no other partition of that broker is fetched")
+    prefetch_backoff_ms: int = Field(10, ge=0, le=1000, description="longest the worker's "
+                                     "consumer waits for fetched records to be taken before "
+                                     "fetching other partitions of the same broker")
     coalesce_ms: int = Field(100, ge=0, description="max staleness of coalesced quotes")
     snapshot_interval_ms: int = Field(1000, ge=0, description="min ms between risk snapshots "
                                       "of one account")

@@ -134,3 +134,26 @@ def test_the_worker_consumer_caps_the_broker_side_fetch_wait():
 
     aio = asyncio.run(build())
     assert aio._fetch_max_wait_ms == 20
+
+
+def test_the_worker_consumer_caps_the_prefetch_back_off():
+    """Records left in the fetcher (the changelog the worker writes but never reads) hold up
+    every partition of that broker for the fetcher's back-off: capped at the setting."""
+    import faust
+
+    from streams.feed import install
+
+    async def run():
+        app = faust.App("feed-backoff-test", broker="kafka://127.0.0.1:1")
+        install(app, {"accounts": ["trades"]}, prefetch_backoff_ms=10)
+        thread = app.consumer._new_consumer_thread()
+
+        class Started:  # what on_start needs of aiokafka's consumer: start() builds the fetcher
+            async def start(self):
+                self._fetcher = SimpleNamespace(_prefetch_backoff=0.1)
+
+        thread._create_consumer = lambda loop: Started()
+        await thread.on_start()
+        return thread._consumer._fetcher._prefetch_backoff
+
+    assert asyncio.run(run()) == 0.01
