@@ -458,6 +458,11 @@ class StressRun:
         if self.rs is None or self.done >= self.accounts.size:
             return False
         proc = self.proc
+        if self.rs.value.shape[0] < len(proc.universe):
+            # an instrument was listed between steps: positions may reference rows the risk
+            # set lacks. This round is dropped (rows() returns none); the next one is whole.
+            self.rs = None
+            return False
         rows = self.accounts[self.done:self.done + accounts]
         self.done += rows.size
         res = proc.book.margin(self.rs, rows, scenario_pnl=True)

@@ -42,3 +42,15 @@ def test_stress_in_steps_equals_a_per_account_reference():
     assert [r[:9] for r in one_call] == [r[:9] for r in got]
     assert np.allclose([r[9] for r in one_call], [r[9] for r in got], rtol=1e-12, atol=0)
     assert whole == per_step  # and the same per-account scenario P&L
+
+
+def test_an_instrument_listed_between_steps_drops_the_round_instead_of_failing():
+    deposits, events = account_events(60)
+    _, proc = replay(deposits + events)
+    run = proc.stress_run()
+    assert run.step(7)
+    proc.apply_instrument(dict(id="BTC-NEW-PERP", kind="PERPETUAL", underlying="BTC",
+                               settlement="LINEAR", multiplier=1.0, strike=None, expiry=None,
+                               lot_size=0.001))
+    assert run.step(7) is False and run.rows("w") == []
+    assert proc.stress("w")  # the next round, started afresh, is whole
