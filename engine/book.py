@@ -52,7 +52,8 @@ class AccountBook:
         book = cls(universe, capacity=k)
         book.ids = list(ids)
         book._row = {a: r for r, a in enumerate(book.ids)}
-        book._slots = [{int(i): j for j, i in enumerate(row)} for row in inst.tolist()]
+        book._slots = [dict(zip(row.tolist(), range(k))) for row in inst]  # row by row: no
+        # temporary list of the whole book
         book.count = np.full(n, k, dtype=np.int64)
         book._start = np.arange(n, dtype=np.int64) * k
         book._capa = np.full(n, k, dtype=np.int64)

@@ -300,6 +300,7 @@ def _ready(settings, pub) -> None:
 
 def fanout(n_accounts=100_000, positions=20):
     """In-process: 100k accounts; one BTC quote; time the market tick (the worker's path)."""
+    import engine as E
     from .processor import RiskProcessor
     from .simulator import Market
     ins = _instruments()
@@ -316,23 +317,17 @@ def fanout(n_accounts=100_000, positions=20):
     proc.on_market_tick()
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     rng = np.random.default_rng(4)
-    book = proc.book
     uni = proc.universe
     tradable = np.array([uni.row(i.id) for i in ins if i.underlying == "BTC"])
-    usd = uni.row("USD")
-    book.cap = positions  # slots for each new account
-    for a in range(n_accounts):
-        acct = f"acct-{a:06d}"
-        r = book.row(acct)
-        rows = rng.choice(tradable, positions - 1, replace=False)
-        base = int(book.start[r])
-        book.inst[base] = usd
-        book.qty[base] = 1e6
-        book.inst[base + 1:base + positions] = rows
-        book.qty[base + 1:base + positions] = rng.normal(0, 0.5, positions - 1)
-        book.count[r] = positions
-        book._slots[r] = {int(i): k for k, i in enumerate(book.inst[base:base + positions])}
+    inst = np.empty((n_accounts, positions), dtype=np.int64)
+    qty = np.empty((n_accounts, positions))
+    inst[:, 0], qty[:, 0] = uni.row("USD"), 1e6
+    ids = [f"acct-{a:06d}" for a in range(n_accounts)]
+    for a, acct in enumerate(ids):
+        inst[a, 1:] = rng.choice(tradable, positions - 1, replace=False)
+        qty[a, 1:] = rng.normal(0, 0.5, positions - 1)
         proc.partition[acct] = a % 4
+    proc.book = E.AccountBook.from_dense(uni, ids, inst, qty, np.zeros_like(qty))
     rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     proc.on_market_tick()
     times = []
