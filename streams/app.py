@@ -22,6 +22,7 @@ Design (see README "Architecture"):
 from __future__ import annotations
 
 import asyncio
+import bisect
 import gc
 import json
 import logging
@@ -54,7 +55,6 @@ class Histogram:
         self.n = 0
 
     def observe(self, v: float) -> None:
-        import bisect
         self.counts[bisect.bisect_left(self.buckets, v)] += 1
         self.sum += v
         self.n += 1
@@ -456,7 +456,7 @@ class Pipeline:
         trades = self.s.topic("trades")
         for m in batch:
             try:
-                name, rec = self.codec.decode(m.value)
+                name, rec = self.codec.decode(m.value, millis=True)  # ts: epoch ms
                 expect = "Trade" if m.topic == trades else "CollateralChange"
                 if name != expect:
                     raise SchemaError(f"{name} record on {m.topic}, expected {expect}")
@@ -487,12 +487,11 @@ class Pipeline:
             # counted once the batch's outputs are acknowledged: "events in" means done
             self.metrics["events_in"] += len(batch)
             self.metrics["batches"] += 1
-            now = time.time()
+            now_ms = time.time() * 1000
+            observe = self.latency.observe
             for _, rec, topic, _, _ in decoded:
                 self.events_by_topic[topic] = self.events_by_topic.get(topic, 0) + 1
-                ts = rec.get("ts")
-                if isinstance(ts, datetime):
-                    self.latency.observe(max(0.0, now - ts.timestamp()))
+                observe(max(0.0, now_ms - rec["ts"]) / 1000)
         return finish
 
     async def emit(self, out: Output, messages=None, resend_only: bool = False) -> None:

@@ -34,6 +34,9 @@ STATE_NAMES = [s.name for s in MarginState]
 
 
 def _ms(ts) -> int:
+    """Epoch milliseconds of a decoded timestamp (``datetime``, or already the number)."""
+    if ts.__class__ is int:
+        return ts
     if isinstance(ts, datetime):
         return int(ts.timestamp() * 1000)
     return int(ts)
@@ -183,7 +186,7 @@ class RiskProcessor:
     # -- account state persistence ----------------------------------------------------------
     def account_record(self, acct: str) -> dict:
         return {"p": self.partition.get(acct, -1),
-                "pos": [list(t) for t in self.book.position_tuples(acct)],
+                "pos": self.book.position_tuples(acct),  # tuples encode as JSON arrays
                 "st": self.state.get(acct, 0), "seq": self.seq.get(acct, 0),
                 "off": self.offsets.get(acct, {}),
                 "out": [event_to_json(e) for e in self.outbox.get(acct, [])]}
@@ -245,40 +248,47 @@ class RiskProcessor:
         return out
 
     def _apply_round(self, events) -> Output:
+        """Apply one round (at most one event per account) and re-margin the accounts it
+        changed in one call."""
         out = Output()
+        touched = out.touched
+        accts: list[str] = []      # accounts applied, in order, with their trigger, time and
+        triggers: list[str] = []   # source record (one each: a round holds one event per
+        ts_ms: list[int] = []      # account)
         sources: dict[str, list[dict]] = {}
-        trig: dict[str, str] = {}
-        ts: dict[str, int] = {}
+        offsets, partitions, book = self.offsets, self.partition, self.book
         for name, rec, topic, partition, offset in events:
             acct = rec["account"]
-            seen = self.offsets.setdefault(acct, {})
-            if offset <= seen.get(topic, -1):
+            seen = offsets.get(acct)
+            if seen is None:
+                seen = offsets[acct] = {}
+            elif offset <= seen.get(topic, -1):
                 continue  # replay of an already applied record
             try:
                 if name == "Trade":
-                    self.book.apply_trade(acct, rec["instrument"], rec["quantity"], rec["price"],
-                                          rec.get("fee") or 0.0)
-                    trig[acct] = "TRADE"
+                    book.apply_trade(acct, rec["instrument"], rec["quantity"], rec["price"],
+                                     rec.get("fee") or 0.0)
+                    trigger = "TRADE"
                 else:
-                    self.book.apply_collateral(acct, rec["asset"], rec["amount"])
-                    trig[acct] = "COLLATERAL"
+                    book.apply_collateral(acct, rec["asset"], rec["amount"])
+                    trigger = "COLLATERAL"
             except E.EngineError as e:
                 out.rejected.append(Rejected(topic, partition, offset, type(e).__name__, str(e)))
                 seen[topic] = offset
-                self.partition.setdefault(acct, partition)
-                out.touched.add(acct)
+                partitions.setdefault(acct, partition)
+                touched.add(acct)
                 continue
             seen[topic] = offset
-            self.partition[acct] = partition
-            sources.setdefault(acct, []).append(
-                {"topic": topic, "partition": partition, "offset": offset})
-            ts[acct] = _ms(rec["ts"])
-            out.touched.add(acct)
-        if sources:
-            accts = list(sources)
-            rows = np.array([self.book.row(a) for a in accts], dtype=np.int64)
-            out.extend(self._remargin(rows, [trig[a] for a in accts], sources,
-                                      [ts[a] for a in accts]))
+            partitions[acct] = partition
+            accts.append(acct)
+            triggers.append(trigger)
+            ts_ms.append(_ms(rec["ts"]))
+            sources[acct] = [{"topic": topic, "partition": partition, "offset": offset}]
+            touched.add(acct)
+        if accts:
+            row = book.row
+            rows = np.fromiter((row(a) for a in accts), dtype=np.int64, count=len(accts))
+            out.extend(self._remargin(rows, triggers, sources, ts_ms))
         return out
 
     def remargin_underlyings(self, underlyings, trigger: str = "QUOTE") -> Output:
