@@ -38,7 +38,7 @@ from schemas import Codec, ConfluentCodec, SchemaError
 
 from .feed import install as install_feed
 from .outputs import OutputProducer
-from .processor import Output, Rejected, RiskProcessor, n_rows
+from .processor import Output, Rejected, RiskProcessor, column_messages, n_rows
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -566,11 +566,9 @@ class Pipeline:
                        orjson.dumps({"stress": rows}, option=orjson.OPT_SERIALIZE_NUMPY))
 
     def _send_columns(self, table: str, cols: dict, chunk: int) -> None:
-        n = n_rows(cols)
-        for lo in range(0, n, chunk):
-            part = {k: v[lo:lo + chunk] for k, v in cols.items()}
-            self._send(self.s.topic("risk-snapshots"), part["account"][0].encode(),
-                       orjson.dumps({table: part}, option=orjson.OPT_SERIALIZE_NUMPY))
+        topic = self.s.topic("risk-snapshots")
+        for key, value in column_messages(table, cols, chunk):
+            self._send(topic, key, value)
 
     async def _sink_loop(self, feed, handle) -> None:
         """A sink agent: batches of up to ``sink_batch_rows`` records (waiting up to
