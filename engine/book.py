@@ -43,6 +43,17 @@ class AccountBook:
         self.inst = np.zeros(0, dtype=np.int64)
         self.qty = np.zeros(0, dtype=np.float64)
         self.cost = np.zeros(0, dtype=np.float64)
+        self._refresh_views()
+
+    def _refresh_views(self) -> None:
+        """Memoryviews of the arrays, for the per-trade reads and writes of single slots:
+        ~25 ns each instead of 40-120 ns through numpy's scalar indexing (a trade touches a
+        dozen slots). Called whenever an array is replaced (they grow by reallocation)."""
+        self._v_inst = memoryview(self.inst)
+        self._v_qty = memoryview(self.qty)
+        self._v_cost = memoryview(self.cost)
+        self._v_start = memoryview(self._start)
+        self._v_count = memoryview(self.count)
 
     @classmethod
     def from_dense(cls, universe: Universe, ids, inst, qty, cost) -> "AccountBook":
@@ -61,6 +72,7 @@ class AccountBook:
         book.inst = np.ascontiguousarray(inst, dtype=np.int64).ravel()
         book.qty = np.ascontiguousarray(qty, dtype=np.float64).ravel()
         book.cost = np.ascontiguousarray(cost, dtype=np.float64).ravel()
+        book._refresh_views()
         return book
 
     # -- layout ---------------------------------------------------------------------------
@@ -90,6 +102,7 @@ class AccountBook:
         self.count = np.concatenate([self.count, pad])
         self._start = np.concatenate([self._start, pad])
         self._capa = np.concatenate([self._capa, pad])
+        self._refresh_views()
 
     def _alloc(self, r: int, size: int) -> None:
         """Give row ``r`` a fresh region of ``size`` slots at the tail (its old one is left
@@ -102,6 +115,7 @@ class AccountBook:
                 grown = np.zeros(n, dtype=old.dtype)
                 grown[:old.shape[0]] = old
                 setattr(self, name, grown)
+            self._refresh_views()
         self._start[r] = self._tail
         self._capa[r] = size
         self._tail = need
@@ -147,35 +161,36 @@ class AccountBook:
         k = self._slots[r].get(i)
         if k is None:
             return 0.0, 0.0
-        j = int(self._start[r]) + k
-        return float(self.qty[j]), float(self.cost[j])
+        j = self._v_start[r] + k
+        return self._v_qty[j], self._v_cost[j]
 
     def _put(self, r: int, i: int, qty: float, cost: float) -> None:
         """Write one checked position of row ``r``; a zero position frees its slot."""
         slots = self._slots[r]
         k = slots.get(i)
-        base = int(self._start[r])
+        base = self._v_start[r]
         j = -1 if k is None else base + k
         if qty == 0.0 and cost == 0.0:
             if j >= 0:
-                last = base + int(self.count[r]) - 1
-                moved = int(self.inst[last])
-                self.inst[j], self.qty[j], self.cost[j] = moved, self.qty[last], self.cost[last]
+                vi, vq, vc = self._v_inst, self._v_qty, self._v_cost
+                last = base + self._v_count[r] - 1
+                moved = vi[last]
+                vi[j], vq[j], vc[j] = moved, vq[last], vc[last]
                 slots[moved] = j - base
                 del slots[i]
-                self.count[r] -= 1
+                self._v_count[r] -= 1
             return
         if j < 0:
-            k = int(self.count[r])
+            k = self._v_count[r]
             if k == self._capa[r]:
                 self.reserve(r, k + 1)
-                base = int(self._start[r])
+                base = self._v_start[r]
             j = base + k
-            self.count[r] += 1
-            self.inst[j] = i
+            self._v_count[r] = k + 1
+            self._v_inst[j] = i
             slots[i] = k
-        self.qty[j] = qty
-        self.cost[j] = cost
+        self._v_qty[j] = float(qty)
+        self._v_cost[j] = float(cost)
 
     def positions(self, account: str) -> list[Position]:
         if account not in self._row:
@@ -213,7 +228,9 @@ class AccountBook:
         """
         # scalar math on Python floats (math.*, comparisons): numpy's ufuncs on scalars cost
         # a microsecond each, and this runs once per trade
-        inst = self.universe.instruments[self.universe.row(instrument)]
+        uni = self.universe
+        i = uni.row(instrument)
+        inst = uni.instruments[i]
         q = check_quantity(qty, instrument)
         if q == 0.0:
             raise InvalidQuantity(f"trade quantity for {instrument} is zero", field="quantity",
@@ -227,7 +244,6 @@ class AccountBook:
         settle = inst.settle_asset if inst.kind != Kind.SPOT else "USD"
         # one row lookup for the position and the settlement balance; the arithmetic (and its
         # order) is that of get / set / _add_balance, so results are bit-identical
-        i = self.universe.row(instrument)
         r = self._row.get(account)
         Q, C = (0.0, 0.0) if r is None else self._get_row(r, i)
         realised = 0.0

@@ -454,6 +454,8 @@ class Pipeline:
         decoded = []
         rejected: list[Rejected] = []
         trades = self.s.topic("trades")
+        known = self.processor.universe.__contains__
+        unknown = False  # a trade in an instrument not (yet) listed
         for m in batch:
             try:
                 name, rec = self.codec.decode(m.value, millis=True)  # ts: epoch ms
@@ -468,8 +470,9 @@ class Pipeline:
                                          str(e)))
                 continue
             decoded.append((name, rec, m.topic, m.partition, m.offset))
-        uni = self.processor.universe
-        if any(n == "Trade" and r["instrument"] not in uni for n, r, *_ in decoded):
+            if name == "Trade" and not known(rec["instrument"]):
+                unknown = True
+        if unknown:
             await self.catch_up_reference()
         t1 = time.perf_counter()
         out = self.processor.apply_account_events(decoded)
