@@ -203,12 +203,10 @@ class AccountBook:
         r = self._row.get(account)
         if r is None:
             return []
-        base = int(self._start[r])
-        end = base + int(self.count[r])
-        names = self.universe.instruments
-        return [(names[i].id, q, c) for i, q, c in zip(self.inst[base:end].tolist(),
-                                                        self.qty[base:end].tolist(),
-                                                        self.cost[base:end].tolist())]
+        base = self._v_start[r]
+        end = base + self._v_count[r]
+        return list(zip(map(self.universe.ids.__getitem__, self._v_inst[base:end].tolist()),
+                        self._v_qty[base:end].tolist(), self._v_cost[base:end].tolist()))
 
     def load(self, account: str, positions) -> None:
         """Replace an account's positions (used when restoring from a table)."""

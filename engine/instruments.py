@@ -96,6 +96,7 @@ class Universe:
 
     def __post_init__(self):
         self._index: dict[str, int] = {}
+        self.ids: list[str] = []  # instrument id by row (ids never change: they are the key)
         self._und_index: dict[str, int] = {}
         self.spot_row: list[int] = []
         existing, self.instruments = self.instruments, []
@@ -134,6 +135,7 @@ class Universe:
         else:
             row = len(self.instruments)
             self.instruments.append(inst)
+            self.ids.append(inst.id)
             self._index[inst.id] = row
         self._arrays = None
         return row

@@ -217,11 +217,12 @@ class RiskProcessor:
 
     # -- account state persistence ----------------------------------------------------------
     def account_record(self, acct: str) -> dict:
+        out = self.outbox.get(acct)
         return {"p": self.partition.get(acct, -1),
                 "pos": self.book.position_tuples(acct),  # tuples encode as JSON arrays
                 "st": self.state.get(acct, 0), "seq": self.seq.get(acct, 0),
                 "off": self.offsets.get(acct, {}),
-                "out": [event_to_json(e) for e in self.outbox.get(acct, [])]}
+                "out": [event_to_json(e) for e in out] if out else []}
 
     def load_account(self, acct: str, rec: dict) -> None:
         for inst, _, _ in rec["pos"]:
