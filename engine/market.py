@@ -67,6 +67,12 @@ class RiskSet:
         return tab
 
 
+#: Instruments below which risk arrays are computed by the calling thread alone: for a few
+#: hundred instruments the arithmetic takes well under a millisecond, while waking the other
+#: worker thread and waiting for it took ~7 ms per call (a market tick, ten a second).
+RISK_PARALLEL_MIN = 2048
+
+
 @nb.njit(cache=True, parallel=True, fastmath={"contract", "nsz"})
 def risk_arrays(rows, kind, inverse, mult, strike, t_years, spot, mark, vol, rate, vol_shock,
                 moves, vol_sign, und, value, risk, greeks, notional_delta):
@@ -253,8 +259,14 @@ class Market:
         nd = np.zeros(n)
         rate = np.array([q.rate for q in up], dtype=np.float64)
         spot_k = np.where(np.isfinite(spot), spot, 1.0)
-        risk_arrays(rows, a.kind, a.inverse, a.mult, a.strike, t_years, spot_k, mark, vol,
-                    rate, shock, moves, vsign, a.und, value, risk, greeks, nd)
+        threads = nb.get_num_threads()
+        if rows.shape[0] < RISK_PARALLEL_MIN:
+            nb.set_num_threads(1)  # this call only (the setting is per calling thread)
+        try:
+            risk_arrays(rows, a.kind, a.inverse, a.mult, a.strike, t_years, spot_k, mark,
+                        vol, rate, shock, moves, vsign, a.und, value, risk, greeks, nd)
+        finally:
+            nb.set_num_threads(threads)
         haircut = np.array([p.haircut(inst.id) if inst.kind == Kind.SPOT else 0.0
                             for inst in uni.instruments], dtype=np.float64)
         rs = RiskSet(

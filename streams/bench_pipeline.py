@@ -49,15 +49,23 @@ def _publish_reference(pub, instruments, market_quotes):
     pub.flush()
 
 
-def _workload(n_events, n_accounts, instruments, marks, seed=3, event_rate=50_000):
-    """Pre-encoded (topic, key, value) input records: 85% trades, 15% collateral. Event time
-    advances as if the records arrived at ``event_rate`` per second, so accounts are due risk
-    snapshots (one per ``snapshot_interval_ms``) as they would be live and the sink carries a
-    realistic row volume."""
+def _workload(n_events, n_accounts, instruments, quotes, seed=3, event_rate=50_000,
+              quote_share=0.0):
+    """Pre-encoded (topic, key, value) input records: a deposit per account first, then
+    ``quote_share`` quotes (a random derivative's mark, its underlying's index on a small
+    random walk) and, of the rest, 85% trades and 15% collateral changes. Event time advances
+    as if the records arrived at ``event_rate`` per second, so accounts are due risk snapshots
+    (one per ``snapshot_interval_ms``) as they would be live and the sink carries a realistic
+    row volume, and quotes move the valuation time with the load."""
     from schemas import Codec
     codec = Codec()
     rng = np.random.default_rng(seed)
+    marks = {q[0]: q[1] for q in quotes}
     tradable = [i for i in instruments if i.kind != "SPOT"]
+    first = {q[0]: q for q in quotes}
+    quoted = [i for i in tradable if i.id in first]
+    index0 = {i.underlying: first[i.id][2] for i in quoted}
+    index = dict(index0)
     out = []
     ts = T0
     for n in range(n_events):
@@ -68,6 +76,16 @@ def _workload(n_events, n_accounts, instruments, marks, seed=3, event_rate=50_00
             rec = dict(change_id=f"c{n}", account=acct, asset="USD", amount=1_000_000.0,
                        kind="DEPOSIT", ts=ts)
             out.append(("collateral", acct.encode(), codec.encode("CollateralChange", rec)))
+        elif quote_share and rng.random() < quote_share:
+            inst = quoted[int(rng.integers(len(quoted)))]
+            u = inst.underlying
+            index[u] *= 1.0 + 2e-4 * float(rng.standard_normal())
+            _, mark, _, iv = first[inst.id]
+            if inst.kind in ("PERPETUAL", "FUTURE"):  # keeps its basis to the index
+                mark = mark * index[u] / index0[u]
+            rec = dict(instrument=inst.id, mark=float(mark), bid=None, ask=None,
+                       index_price=float(index[u]), mark_iv=iv, ts=ts)
+            out.append(("quotes", inst.id.encode(), codec.encode("Quote", rec)))
         elif rng.random() < 0.15:
             rec = dict(change_id=f"c{n}", account=acct, asset="USD",
                        amount=float(rng.choice([1000.0, -500.0])), kind="TRANSFER", ts=ts)
@@ -109,6 +127,23 @@ def _metric(port, name):
         if line.startswith(name + " "):
             return float(line.split()[1])
     return None
+
+
+def _inputs(port):
+    """Input events the worker has applied, every topic (trades and collateral once their
+    outputs are acknowledged, quotes and reference data once applied); None while it is not
+    answering."""
+    lines = _scrape(port)
+    if not lines:
+        return None
+    per_topic = [float(line.split()[-1]) for line in lines
+                 if line.startswith("riskpipe_input_events_total{")]
+    if per_topic:
+        return sum(per_topic)
+    for line in lines:
+        if line.startswith("riskpipe_events_in_total "):
+            return float(line.split()[1])
+    return 0.0
 
 
 def _gc_seconds(port) -> float:
@@ -157,7 +192,7 @@ def _throughput(settings, name, port, warmup, load, naive=False, timeout=600, ex
         def count():
             if p.poll() is not None:
                 raise RuntimeError(f"{name} exited; see {settings.data_dir / (name + '.log')}")
-            return _metric(port, "riskpipe_events_in_total")
+            return _inputs(port)
         deadline = time.time() + timeout
         while time.time() < deadline and count() is None:
             time.sleep(0.2)
@@ -247,7 +282,8 @@ def _latency(settings, *args):
     return _as_generator(_measure_latency, settings, *args)
 
 
-def _measure_latency(settings, port, rate, seconds, n_accounts, instruments, marks):
+def _measure_latency(settings, port, rate, seconds, n_accounts, instruments, quotes,
+                     quote_share=0.0):
     """Worker already running: publish at ``rate`` with event time = now and read the
     risk-snapshots it writes (Kafka timestamp = when produced) and margin-calls."""
     from confluent_kafka import Consumer, TopicPartition
@@ -297,18 +333,28 @@ def _measure_latency(settings, port, rate, seconds, n_accounts, instruments, mar
     _ready(settings, pub)
     rng = np.random.default_rng(9)
     tradable = [i for i in instruments if i.kind in ("PERPETUAL", "FUTURE")]
+    marks = {q[0]: q[1] for q in quotes}
     n = int(rate * seconds)
-    trades = []
+    # the same mix as the throughput phase: quotes re-margin every holder of their underlying
+    # (coalesced to one market tick per 100 ms), which live trades queue behind
+    moves = [r for r in _workload(n_accounts + n, n_accounts, instruments, quotes, seed=10,
+                                  quote_share=quote_share)[n_accounts:] if r[0] == "quotes"]
+    records = []
     for k in range(n):
+        if moves and rng.random() < quote_share:
+            _, key, value = moves.pop()
+            records.append((settings.topic("quotes"), key,
+                            _stub(codec, codec.decode(value)[1] | {"ts": None}, "Quote")))
+            continue
         acct = f"acct-{int(rng.integers(n_accounts)):06d}"
         inst = tradable[int(rng.integers(len(tradable)))]
-        trades.append((acct.encode(), _trade_stub(codec, f"lat{k}", acct, inst.id,
-                                                  0.01 if rng.random() < 0.5 else -0.01,
-                                                  float(marks[inst.id]))))
-    topic = settings.topic("trades")
+        rec = dict(trade_id=f"lat{k}", account=acct, instrument=inst.id,
+                   quantity=0.01 if rng.random() < 0.5 else -0.01,
+                   price=float(marks[inst.id]), fee=0.0, ts=None)
+        records.append((settings.topic("trades"), acct.encode(), _stub(codec, rec, "Trade")))
     produce = pub.producer.produce
     t0 = time.perf_counter()
-    for k, (key, stub) in enumerate(trades):
+    for k, (topic, key, stub) in enumerate(records):
         produce(topic, stub + _zigzag_varint(int(time.time() * 1000)), key)
         ahead = t0 + (k + 1) / rate - time.perf_counter()
         if ahead > 0.001:  # pace in ~1 ms steps: a sleep per record costs the generator
@@ -332,18 +378,18 @@ def _measure_latency(settings, port, rate, seconds, n_accounts, instruments, mar
             "worker_gc_pause_s": round(_gc_seconds(port) - gc0, 3)}
 
 
-def _trade_stub(codec, trade_id, account, instrument, quantity, price) -> bytes:
-    """A Trade record encoded up to its last field, ``ts``: the generator appends the event
-    time as it sends (``_zigzag_varint``), so the paced loop spends no time encoding while
-    the worker it measures shares its CPUs. Checked against the codec: the stub plus the
-    appended time must be byte-identical to encoding the whole record."""
-    rec = dict(trade_id=trade_id, account=account, instrument=instrument, quantity=quantity,
-               price=price, fee=0.0, ts=datetime.fromtimestamp(0, timezone.utc))
-    stub = codec.encode("Trade", rec)[:-1]  # ts=0 encodes as the single byte 00
+def _stub(codec, rec: dict, name: str) -> bytes:
+    """``rec`` (a Trade or Quote, whose last field is ``ts``) encoded up to that field: the
+    generator appends the event time as it sends (``_zigzag_varint``), so the paced loop
+    spends no time encoding while the worker it measures shares its CPUs. Checked against the
+    codec: the stub plus the appended time must be byte-identical to encoding the whole
+    record."""
+    rec = {**rec, "ts": datetime.fromtimestamp(0, timezone.utc)}
+    stub = codec.encode(name, rec)[:-1]  # ts=0 encodes as the single byte 00
     probe = datetime.now(timezone.utc).replace(microsecond=123000)
-    whole = codec.encode("Trade", {**rec, "ts": probe})
+    whole = codec.encode(name, {**rec, "ts": probe})
     if stub + _zigzag_varint(int(probe.timestamp() * 1000)) != whole:
-        raise RuntimeError("Trade no longer ends with its ts field; update _trade_stub")
+        raise RuntimeError(f"{name} no longer ends with its ts field; update _stub")
     return stub
 
 
@@ -446,7 +492,7 @@ def fanout(n_accounts=100_000, positions=20):
 
 
 def run(events=200_000, accounts=20_000, latency_rate=10_000, latency_seconds=10,
-        port=39092, baseline_events=None, sink_process=True) -> dict:
+        port=39092, baseline_events=None, sink_process=True, quote_share=0.02) -> dict:
     from .demo import kafka
     from .simulator import Market
     from .topics import create_topics
@@ -465,8 +511,11 @@ def run(events=200_000, accounts=20_000, latency_rate=10_000, latency_seconds=10
     result: dict = {"benchmark": "pipeline", "machine": {"cpus": os.cpu_count()},
                     "workload": {"events": events, "accounts": accounts,
                                  "mix": "a deposit per account first (warm-up, not timed), "
-                                        "then 85% trades / 15% collateral changes on random "
-                                        "accounts and instruments",
+                                        f"then {quote_share:.0%} quotes (random derivative, "
+                                        "index on a random walk) and of the rest 85% trades / "
+                                        "15% collateral changes on random accounts and "
+                                        "instruments; the latency phases send the same share "
+                                        "of quotes among their trades",
                                  "sink": "embedded ClickHouse (chDB), on, " + (
                                      "in its own process (worker --role margin, plus a "
                                      "--role sink process)" if sink_process else
@@ -480,7 +529,7 @@ def run(events=200_000, accounts=20_000, latency_rate=10_000, latency_seconds=10
         quotes = mkt.quotes(T0)
         marks = {q[0]: q[1] for q in quotes}
         _publish_reference(Publisher(s), ins, quotes)
-        recs = _workload(events + accounts, accounts, ins, marks)
+        recs = _workload(events + accounts, accounts, ins, quotes, quote_share=quote_share)
         warmup, load = recs[:accounts], recs[accounts:]
         if sink_process:
             sink = _start_worker(s, "sink", 16068, extra={"RISKPIPE_ROLE": "sink"})
@@ -510,13 +559,14 @@ def run(events=200_000, accounts=20_000, latency_rate=10_000, latency_seconds=10
                 time.sleep(0.5)
             time.sleep(5)  # catch up with anything left from the throughput run
             result["latency"] = _latency(s, 16066, latency_rate, latency_seconds, accounts,
-                                         ins, marks)
+                                         ins, quotes, quote_share)
             result["latency"]["rss_mb"] = round(_rss_kb(p.pid) / 1024, 1)
             if sink is not None:
                 result["latency"]["sink_process_rss_mb"] = round(_rss_kb(sink.pid) / 1024, 1)
             time.sleep(20)  # drain the backlog before measuring below saturation
             result["latency_below_saturation"] = _latency(
-                s, 16066, max(1, latency_rate // 5), latency_seconds, accounts, ins, marks)
+                s, 16066, max(1, latency_rate // 5), latency_seconds, accounts, ins, quotes,
+                quote_share)
         finally:
             p.terminate()
             p.wait(60)
@@ -548,13 +598,15 @@ def naive_worker() -> None:
                     topic_partitions=s.partitions)
     (s.data_dir / "faust").mkdir(parents=True, exist_ok=True)
     table = app.Table("naive-accounts", default=None, partitions=s.partitions)
-    topic = app.topic(s.topic("trades"), s.topic("collateral"), key_type=bytes,
-                      value_type=bytes, value_serializer="raw", key_serializer="raw")
+    topic = app.topic(s.topic("trades"), s.topic("collateral"), s.topic("quotes"),
+                      key_type=bytes, value_type=bytes, value_serializer="raw",
+                      key_serializer="raw")
     out_topic = app.topic(s.topic("margin-calls-naive"), value_serializer="raw")
     codec = Codec()
     proc = RiskProcessor()
     counter = {"n": 0}
     from confluent_kafka import Consumer
+    quotes_seen: dict = {}  # (topic, partition) -> last offset read at start-up
     for ref in (s.topic("instruments"), s.topic("quotes")):  # instruments before quotes
         c = Consumer({**s.kafka_conf(), "group.id": f"{s.app_id}-ref-{ref}",
                       "auto.offset.reset": "earliest"})
@@ -567,6 +619,8 @@ def naive_worker() -> None:
                 continue
             name, rec = codec.decode(m.value())
             proc.apply_instrument(rec) if name == "Instrument" else proc.apply_quote(rec)
+            if name == "Quote":
+                quotes_seen[(m.topic(), m.partition())] = m.offset()
         c.close()
     proc.risk_set()
 
@@ -576,13 +630,24 @@ def naive_worker() -> None:
             m = event.message
             try:
                 name, rec = codec.decode(event.value)
-                out = proc.apply_account_events([(name, rec, m.topic, m.partition, m.offset)])
+                if name == "Quote":  # re-margin the holders of the moved underlying
+                    if (m.topic, m.partition) not in quotes_seen or \
+                            m.offset > quotes_seen[(m.topic, m.partition)]:
+                        proc.apply_quote(rec)
+                        out = proc.on_market_tick()
+                    else:  # read at start-up already
+                        counter["n"] += 1
+                        continue
+                else:
+                    out = proc.apply_account_events([(name, rec, m.topic, m.partition,
+                                                      m.offset)])
             except Exception:  # noqa: BLE001
                 continue
             for e in out.events:
                 await out_topic.send(key=e["account"].encode(),
                                      value=codec.encode("MarginEvent", e))
-            table[rec["account"]] = json.dumps(proc.account_record(rec["account"]))
+            for a in out.touched:
+                table[a] = json.dumps(proc.account_record(a))
             counter["n"] += 1
 
     @app.page("/metrics")

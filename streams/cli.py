@@ -41,11 +41,13 @@ def bench_pipeline(events: int = typer.Option(200_000, help="input events for th
                                                        "per-event baseline"),
                    sink_process: bool = typer.Option(True, help="ClickHouse sink in its own "
                                                      "process (roles margin + sink); "
-                                                     "--no-sink-process: one process")):
+                                                     "--no-sink-process: one process"),
+                   quote_share: float = typer.Option(0.02, help="share of quotes among the "
+                                                     "input events")):
     """Worker throughput, latency and fan-out through the real broker vs a naive agent."""
     from .bench_pipeline import run
     typer.echo(json.dumps(run(events, accounts, latency_rate, latency_seconds, port,
-                              baseline_events, sink_process), indent=2))
+                              baseline_events, sink_process, quote_share), indent=2))
 
 
 def _settings(**overrides):

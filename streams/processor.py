@@ -326,28 +326,53 @@ class RiskProcessor:
 
     def remargin_underlyings(self, underlyings, trigger: str = "QUOTE") -> Output:
         """Re-margin every local account holding any of ``underlyings`` in one call."""
+        rows, t = self.holders(underlyings)
+        return self.remargin_rows(rows, trigger, t)
+
+    def holders(self, underlyings) -> tuple[np.ndarray, int]:
+        """Book rows of the accounts holding any of ``underlyings`` (sorted) and the market
+        time of those underlyings (their latest quote)."""
+        none = np.zeros(0, dtype=np.int64)
         if not underlyings or len(self.book) == 0:
-            return Output()
+            return none, 0
         held = [self.book.rows_holding(u) for u in underlyings
                 if u in self.universe.underlyings]
         if not held:
-            return Output()
+            return none, 0
         # one underlying (the usual tick): already sorted and unique
         rows = held[0] if len(held) == 1 else np.unique(np.concatenate(held))
-        if rows.size == 0:
-            return Output()
         t = max([self.quote_ts.get(u, 0) for u in underlyings] + [0]) or \
             int(self.clock() * 1000)
+        return rows, t
+
+    def remargin_rows(self, rows: np.ndarray, trigger: str, t: int) -> Output:
+        """Re-margin the accounts at book ``rows`` (a market move or a parameter change at
+        market time ``t``)."""
+        if rows.size == 0:
+            return Output()
         return self._remargin(rows, [trigger] * rows.size, {}, [t] * rows.size)
+
+    def start_tick(self) -> tuple[list[str], np.ndarray, int] | None:
+        """Begin a market tick: risk arrays recomputed once for every quote received since
+        the last tick; returns the moved underlyings, the rows of their holders and the
+        market time (None if nothing moved). The caller re-margins the rows, in one call
+        (:meth:`on_market_tick`) or in steps (the worker)."""
+        dirty, self.dirty_underlyings = self.dirty_underlyings, set()
+        if not dirty:
+            return None
+        self.risk_set()
+        unds = sorted(dirty)
+        rows, t = self.holders(unds)
+        return unds, rows, t
 
     def on_market_tick(self) -> Output:
         """Called at most every coalescing interval: recompute risk arrays once for all ticks
         received since the last call and re-margin holders of the moved underlyings."""
-        dirty, self.dirty_underlyings = self.dirty_underlyings, set()
-        if not dirty:
+        tick = self.start_tick()
+        if tick is None:
             return Output()
-        self.risk_set()
-        return self.remargin_underlyings(sorted(dirty))
+        _, rows, t = tick
+        return self.remargin_rows(rows, "QUOTE", t)
 
     def stress(self, worker: str, per_account: dict | None = None) -> list[list]:
         """Exchange-wide stress of this worker's accounts: for each underlying and scenario, how
