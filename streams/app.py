@@ -775,9 +775,9 @@ class Pipeline:
         same task, after the tick); an account traded between steps was already margined at
         that market by its own batch, and margining it again changes nothing. Outputs are
         queued in order with everything else and acknowledged in the background like an
-        account batch's (at most one unit awaits the broker). If partitions move meanwhile,
-        the rest of the tick is left and the underlyings are marked moved again, so the next
-        tick re-margins the accounts this worker then holds."""
+        account batch's, once for the whole tick (at most one unit awaits the broker). If
+        partitions move meanwhile, the rest of the tick is left and the underlyings are marked
+        moved again, so the next tick re-margins the accounts this worker then holds."""
         async with self.work_lock:
             await self.sync()
             tick = self.processor.start_tick()
@@ -786,19 +786,24 @@ class Pipeline:
         unds, rows, t = tick
         self.metrics["market_ticks"] += 1
         epoch = self.feed.epoch if self.feed is not None else 0
+        sent = Output()  # the tick's margin events: out of the outboxes once acknowledged
         for lo in range(0, rows.size, step):
             async with self.work_lock:
                 if self.needs_sync or (self.feed is not None and self.feed.epoch != epoch):
                     self.processor.dirty_underlyings.update(unds)
-                    return
+                    break
                 t0 = time.perf_counter()
                 out = self.processor.remargin_rows(rows[lo:lo + step], "QUOTE", t)
                 self.timings["tick"] += time.perf_counter() - t0
                 await self.queue_outputs(out)
-                await self.finish_pending()
-                self._pending = asyncio.ensure_future(
-                    self._finish_or_stop(lambda out=out: self.flush_outputs(out)))
+                sent.events += out.events
             await asyncio.sleep(0)
+        # one acknowledgement for the whole tick, in order after the unit before it (a wait per
+        # step held the work lock for a broker round trip ten times a tick)
+        async with self.work_lock:
+            await self.finish_pending()
+            self._pending = asyncio.ensure_future(
+                self._finish_or_stop(lambda: self.flush_outputs(sent)))
 
 
 def _partitions(s: Settings, topics) -> dict[str, list[int]]:
