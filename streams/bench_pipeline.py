@@ -583,8 +583,10 @@ def run(events=200_000, accounts=20_000, latency_rate=10_000, latency_seconds=10
 # -- the naive baseline ------------------------------------------------------------------------
 
 def naive_worker() -> None:
-    """The obvious Faust implementation: one event at a time, margin that account, write the
-    table, emit a margin event on transitions. Same engine, same topics, its own group."""
+    """The obvious Faust implementation: one event at a time; a trade or collateral change
+    margins its account, a quote re-margins the holders of its underlying at once (no
+    coalescing); write the table for each touched account, emit a margin event on
+    transitions. Same engine, same topics, its own group."""
     import faust
 
     import engine as E
