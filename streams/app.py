@@ -765,11 +765,13 @@ class Pipeline:
                 proc.risk_set()
                 await self.emit(proc.remargin_underlyings(sorted(affected), trigger="PARAMS"))
 
-    async def market_tick(self, step: int = 2000) -> None:
-        """Re-margin the holders of the moved underlyings, ``step`` accounts at a time with
-        the work lock released in between, so account batches run between the steps instead
-        of queueing behind the whole book (20,000 accounts of 15 positions: 10-15 ms, ten
-        times a second in a moving market).
+    async def market_tick(self, min_step: int = 2000, max_steps: int = 10) -> None:
+        """Re-margin the holders of the moved underlyings in steps (``min_step`` accounts, or
+        more so that a tick takes at most ``max_steps``) with the work lock released in
+        between, so account batches run between the steps instead of queueing behind the
+        whole book (20,000 accounts of 15 positions: 10-15 ms, ten times a second in a moving
+        market). Steps of a large book are large enough to run on all threads (100,000
+        accounts: steps of 10,000); a small book's steps run on the calling thread.
 
         Each step margins its accounts at the market of the tick (quotes are applied by the
         same task, after the tick); an account traded between steps was already margined at
@@ -784,6 +786,7 @@ class Pipeline:
         if tick is None:
             return
         unds, rows, t = tick
+        step = max(min_step, -(-rows.size // max_steps))
         self.metrics["market_ticks"] += 1
         epoch = self.feed.epoch if self.feed is not None else 0
         sent = Output()  # the tick's margin events: out of the outboxes once acknowledged

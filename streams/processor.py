@@ -345,12 +345,13 @@ class RiskProcessor:
             int(self.clock() * 1000)
         return rows, t
 
-    def remargin_rows(self, rows: np.ndarray, trigger: str, t: int) -> Output:
+    def remargin_rows(self, rows: np.ndarray, trigger: str, t: int,
+                      parallel: bool | None = None) -> Output:
         """Re-margin the accounts at book ``rows`` (a market move or a parameter change at
-        market time ``t``)."""
+        market time ``t``). ``parallel``: the margin kernel's threads (None: by size)."""
         if rows.size == 0:
             return Output()
-        return self._remargin(rows, [trigger] * rows.size, {}, [t] * rows.size)
+        return self._remargin(rows, [trigger] * rows.size, {}, [t] * rows.size, parallel)
 
     def start_tick(self) -> tuple[list[str], np.ndarray, int] | None:
         """Begin a market tick: risk arrays recomputed once for every quote received since
@@ -402,10 +403,10 @@ class RiskProcessor:
                 setattr(self, name, grown)
         return row
 
-    def _remargin(self, rows, triggers, sources, ts_ms) -> Output:
+    def _remargin(self, rows, triggers, sources, ts_ms, parallel=None) -> Output:
         out = Output()
         rs = self.risk_set()
-        res = self.book.margin(rs, rows)
+        res = self.book.margin(rs, rows, parallel=parallel)
         accts = _pick(self.book.ids, rows)
         self._ensure_rows(0)
         prev = self._state_arr[rows]
