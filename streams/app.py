@@ -765,13 +765,11 @@ class Pipeline:
                 proc.risk_set()
                 await self.emit(proc.remargin_underlyings(sorted(affected), trigger="PARAMS"))
 
-    async def market_tick(self, min_step: int = 2000, max_steps: int = 10) -> None:
-        """Re-margin the holders of the moved underlyings in steps (``min_step`` accounts, or
-        more so that a tick takes at most ``max_steps``) with the work lock released in
-        between, so account batches run between the steps instead of queueing behind the
-        whole book (20,000 accounts of 15 positions: 10-15 ms, ten times a second in a moving
-        market). Steps of a large book are large enough to run on all threads (100,000
-        accounts: steps of 10,000); a small book's steps run on the calling thread.
+    async def market_tick(self) -> None:
+        """Re-margin the holders of the moved underlyings in steps
+        (:meth:`RiskProcessor.tick_steps`) with the work lock released in between, so account
+        batches run between the steps instead of queueing behind the whole book (20,000
+        accounts of 15 positions: 10-15 ms, ten times a second in a moving market).
 
         Each step margins its accounts at the market of the tick (quotes are applied by the
         same task, after the tick); an account traded between steps was already margined at
@@ -786,17 +784,16 @@ class Pipeline:
         if tick is None:
             return
         unds, rows, t = tick
-        step = max(min_step, -(-rows.size // max_steps))
         self.metrics["market_ticks"] += 1
         epoch = self.feed.epoch if self.feed is not None else 0
         sent = Output()  # the tick's margin events: out of the outboxes once acknowledged
-        for lo in range(0, rows.size, step):
+        for part in self.processor.tick_steps(rows):
             async with self.work_lock:
                 if self.needs_sync or (self.feed is not None and self.feed.epoch != epoch):
                     self.processor.dirty_underlyings.update(unds)
                     break
                 t0 = time.perf_counter()
-                out = self.processor.remargin_rows(rows[lo:lo + step], "QUOTE", t)
+                out = self.processor.remargin_rows(part, "QUOTE", t)
                 self.timings["tick"] += time.perf_counter() - t0
                 await self.queue_outputs(out)
                 sent.events += out.events

@@ -62,10 +62,7 @@ def _workload(n_events, n_accounts, instruments, quotes, seed=3, event_rate=50_0
     rng = np.random.default_rng(seed)
     marks = {q[0]: q[1] for q in quotes}
     tradable = [i for i in instruments if i.kind != "SPOT"]
-    first = {q[0]: q for q in quotes}
-    quoted = [i for i in tradable if i.id in first]
-    index0 = {i.underlying: first[i.id][2] for i in quoted}
-    index = dict(index0)
+    moves = _quote_moves(instruments, quotes, rng)
     out = []
     ts = T0
     for n in range(n_events):
@@ -77,15 +74,8 @@ def _workload(n_events, n_accounts, instruments, quotes, seed=3, event_rate=50_0
                        kind="DEPOSIT", ts=ts)
             out.append(("collateral", acct.encode(), codec.encode("CollateralChange", rec)))
         elif quote_share and rng.random() < quote_share:
-            inst = quoted[int(rng.integers(len(quoted)))]
-            u = inst.underlying
-            index[u] *= 1.0 + 2e-4 * float(rng.standard_normal())
-            _, mark, _, iv = first[inst.id]
-            if inst.kind in ("PERPETUAL", "FUTURE"):  # keeps its basis to the index
-                mark = mark * index[u] / index0[u]
-            rec = dict(instrument=inst.id, mark=float(mark), bid=None, ask=None,
-                       index_price=float(index[u]), mark_iv=iv, ts=ts)
-            out.append(("quotes", inst.id.encode(), codec.encode("Quote", rec)))
+            rec = {**next(moves), "ts": ts}
+            out.append(("quotes", rec["instrument"].encode(), codec.encode("Quote", rec)))
         elif rng.random() < 0.15:
             rec = dict(change_id=f"c{n}", account=acct, asset="USD",
                        amount=float(rng.choice([1000.0, -500.0])), kind="TRANSFER", ts=ts)
@@ -98,6 +88,25 @@ def _workload(n_events, n_accounts, instruments, quotes, seed=3, event_rate=50_0
                        price=float(marks[inst.id]), fee=0.0, ts=ts)
             out.append(("trades", acct.encode(), codec.encode("Trade", rec)))
     return out
+
+
+def _quote_moves(instruments, quotes, rng):
+    """Endless Quote records (without ``ts``): a random derivative's mark with its
+    underlying's index on a small random walk (perpetuals and futures keep their basis to the
+    index; options keep their mark and implied vol)."""
+    first = {q[0]: q for q in quotes}
+    quoted = [i for i in instruments if i.kind != "SPOT" and i.id in first]
+    index0 = {i.underlying: first[i.id][2] for i in quoted}
+    index = dict(index0)
+    while True:
+        inst = quoted[int(rng.integers(len(quoted)))]
+        u = inst.underlying
+        index[u] *= 1.0 + 2e-4 * float(rng.standard_normal())
+        _, mark, _, iv = first[inst.id]
+        if inst.kind in ("PERPETUAL", "FUTURE"):
+            mark = mark * index[u] / index0[u]
+        yield dict(instrument=inst.id, mark=float(mark), bid=None, ask=None,
+                   index_price=float(index[u]), mark_iv=iv)
 
 
 def _produce(settings, records, rate=None):
@@ -337,14 +346,13 @@ def _measure_latency(settings, port, rate, seconds, n_accounts, instruments, quo
     n = int(rate * seconds)
     # the same mix as the throughput phase: quotes re-margin every holder of their underlying
     # (coalesced to one market tick per 100 ms), which live trades queue behind
-    moves = [r for r in _workload(n_accounts + n, n_accounts, instruments, quotes, seed=10,
-                                  quote_share=quote_share)[n_accounts:] if r[0] == "quotes"]
+    moves = _quote_moves(instruments, quotes, np.random.default_rng(10))
     records = []
     for k in range(n):
-        if moves and rng.random() < quote_share:
-            _, key, value = moves.pop()
-            records.append((settings.topic("quotes"), key,
-                            _stub(codec, codec.decode(value)[1] | {"ts": None}, "Quote")))
+        if quote_share and rng.random() < quote_share:
+            rec = next(moves)
+            records.append((settings.topic("quotes"), rec["instrument"].encode(),
+                            _stub(codec, rec, "Quote")))
             continue
         acct = f"acct-{int(rng.integers(n_accounts)):06d}"
         inst = tradable[int(rng.integers(len(tradable)))]
@@ -378,18 +386,23 @@ def _measure_latency(settings, port, rate, seconds, n_accounts, instruments, quo
             "worker_gc_pause_s": round(_gc_seconds(port) - gc0, 3)}
 
 
+_STUBS_CHECKED: set[str] = set()
+
+
 def _stub(codec, rec: dict, name: str) -> bytes:
     """``rec`` (a Trade or Quote, whose last field is ``ts``) encoded up to that field: the
     generator appends the event time as it sends (``_zigzag_varint``), so the paced loop
     spends no time encoding while the worker it measures shares its CPUs. Checked against the
-    codec: the stub plus the appended time must be byte-identical to encoding the whole
-    record."""
+    codec once per record type (the layout is the schema's): the stub plus the appended time
+    must be byte-identical to encoding the whole record."""
     rec = {**rec, "ts": datetime.fromtimestamp(0, timezone.utc)}
     stub = codec.encode(name, rec)[:-1]  # ts=0 encodes as the single byte 00
-    probe = datetime.now(timezone.utc).replace(microsecond=123000)
-    whole = codec.encode(name, {**rec, "ts": probe})
-    if stub + _zigzag_varint(int(probe.timestamp() * 1000)) != whole:
-        raise RuntimeError(f"{name} no longer ends with its ts field; update _stub")
+    if name not in _STUBS_CHECKED:
+        probe = datetime.now(timezone.utc).replace(microsecond=123000)
+        whole = codec.encode(name, {**rec, "ts": probe})
+        if stub + _zigzag_varint(int(probe.timestamp() * 1000)) != whole:
+            raise RuntimeError(f"{name} no longer ends with its ts field; update _stub")
+        _STUBS_CHECKED.add(name)
     return stub
 
 
@@ -476,9 +489,8 @@ def fanout(n_accounts=100_000, positions=20):
                               ts=T0 + timedelta(seconds=10 + k)))
         t0 = time.perf_counter()
         _, rows_t, t_ms = proc.start_tick()
-        step = max(2000, -(-rows_t.size // 10))
-        for lo in range(0, rows_t.size, step):
-            part = proc.remargin_rows(rows_t[lo:lo + step], "QUOTE", t_ms)
+        for part_rows in proc.tick_steps(rows_t):
+            part = proc.remargin_rows(part_rows, "QUOTE", t_ms)
             for table, cols in (("risk_snapshots", part.snapshots),
                                 ("exposures", part.exposures)):
                 column_messages(table, cols)

@@ -345,13 +345,12 @@ class RiskProcessor:
             int(self.clock() * 1000)
         return rows, t
 
-    def remargin_rows(self, rows: np.ndarray, trigger: str, t: int,
-                      parallel: bool | None = None) -> Output:
+    def remargin_rows(self, rows: np.ndarray, trigger: str, t: int) -> Output:
         """Re-margin the accounts at book ``rows`` (a market move or a parameter change at
-        market time ``t``). ``parallel``: the margin kernel's threads (None: by size)."""
+        market time ``t``)."""
         if rows.size == 0:
             return Output()
-        return self._remargin(rows, [trigger] * rows.size, {}, [t] * rows.size, parallel)
+        return self._remargin(rows, [trigger] * rows.size, {}, [t] * rows.size)
 
     def start_tick(self) -> tuple[list[str], np.ndarray, int] | None:
         """Begin a market tick: risk arrays recomputed once for every quote received since
@@ -365,6 +364,14 @@ class RiskProcessor:
         unds = sorted(dirty)
         rows, t = self.holders(unds)
         return unds, rows, t
+
+    @staticmethod
+    def tick_steps(rows: np.ndarray, min_step: int = 2000, max_steps: int = 10) -> list:
+        """The worker's steps through a tick's ``rows``: ``min_step`` accounts each, or more so
+        that a tick takes at most ``max_steps`` (a large book's steps are then large enough to
+        run the margin kernel on all threads: 100,000 accounts in steps of 10,000)."""
+        step = max(min_step, -(-rows.size // max_steps))
+        return [rows[lo:lo + step] for lo in range(0, rows.size, step)]
 
     def on_market_tick(self) -> Output:
         """Called at most every coalescing interval: recompute risk arrays once for all ticks
@@ -403,10 +410,10 @@ class RiskProcessor:
                 setattr(self, name, grown)
         return row
 
-    def _remargin(self, rows, triggers, sources, ts_ms, parallel=None) -> Output:
+    def _remargin(self, rows, triggers, sources, ts_ms) -> Output:
         out = Output()
         rs = self.risk_set()
-        res = self.book.margin(rs, rows, parallel=parallel)
+        res = self.book.margin(rs, rows)
         accts = _pick(self.book.ids, rows)
         self._ensure_rows(0)
         prev = self._state_arr[rows]
@@ -452,7 +459,7 @@ class RiskProcessor:
         everyone = idx.size == len(accts)
         acc = accts if everyone else _pick(accts, idx)
         ts = np.asarray(ts_ms, dtype=np.int64)[idx]
-        trig = list(triggers) if everyone else _pick(triggers, idx)
+        trig = triggers if everyone else _pick(triggers, idx)
         # numbers stay numpy arrays: they are serialised by orjson as they are (a Python float
         # per value for 100,000 accounts cost ~20 ms of a market tick); text columns are lists
         snaps = {
