@@ -37,6 +37,9 @@ class AccountBook:
         self._slots: list[dict[int, int]] = []  # per row: instrument row -> slot within row
         self.ids: list[str] = []
         self.count = np.zeros(0, dtype=np.int64)
+        # per row: bumped by every write to the row, so a reader that ran alongside the writes
+        # (a market tick's kernel on another thread) can tell which of its results are stale
+        self.version = np.zeros(0, dtype=np.int64)
         self._start = np.zeros(0, dtype=np.int64)  # per row: first slot of its region
         self._capa = np.zeros(0, dtype=np.int64)   # per row: slots in its region
         self._tail = 0                              # first slot no region uses
@@ -54,6 +57,7 @@ class AccountBook:
         self._v_cost = memoryview(self.cost)
         self._v_start = memoryview(self._start)
         self._v_count = memoryview(self.count)
+        self._v_version = memoryview(self.version)
 
     @classmethod
     def from_dense(cls, universe: Universe, ids, inst, qty, cost) -> "AccountBook":
@@ -66,6 +70,7 @@ class AccountBook:
         book._slots = [dict(zip(row.tolist(), range(k))) for row in inst]  # row by row: no
         # temporary list of the whole book
         book.count = np.full(n, k, dtype=np.int64)
+        book.version = np.zeros(n, dtype=np.int64)
         book._start = np.arange(n, dtype=np.int64) * k
         book._capa = np.full(n, k, dtype=np.int64)
         book._tail = n * k
@@ -100,6 +105,7 @@ class AccountBook:
         old = self.count.shape[0]
         pad = np.zeros(n_rows - old, dtype=np.int64)
         self.count = np.concatenate([self.count, pad])
+        self.version = np.concatenate([self.version, pad])
         self._start = np.concatenate([self._start, pad])
         self._capa = np.concatenate([self._capa, pad])
         self._refresh_views()
@@ -169,6 +175,7 @@ class AccountBook:
         slots = self._slots[r]
         k = slots.get(i)
         base = self._v_start[r]
+        self._v_version[r] += 1
         j = -1 if k is None else base + k
         if qty == 0.0 and cost == 0.0:
             if j >= 0:
@@ -212,6 +219,7 @@ class AccountBook:
         """Replace an account's positions (used when restoring from a table)."""
         r = self.row(account)
         self.count[r] = 0
+        self.version[r] += 1
         self._slots[r] = {}
         for p in positions:
             self.set(account, p.instrument, p.quantity, p.cost)
@@ -315,8 +323,52 @@ class AccountBook:
         return run_margin(rows, start, start + self.count, self.inst, self.qty, self.cost,
                           self.universe.arrays, rs, parallel=parallel, scenario_pnl=scenario_pnl)
 
+    def margin_job(self, rs: RiskSet, rows: np.ndarray) -> "MarginJob":
+        """Margin of ``rows`` to compute on another thread while this book keeps changing
+        (see :class:`MarginJob`). Call on the thread that writes the book."""
+        if rs.value.shape[0] < len(self.universe):
+            raise InvalidParameter("risk set is older than the instrument universe; recompute "
+                                   "it after adding instruments")
+        rows = np.ascontiguousarray(rows, dtype=np.int64)
+        return MarginJob(rows, self.version[rows], self._start.copy(),
+                         self._start + self.count, self.inst, self.qty, self.cost,
+                         self.universe.arrays, rs)
+
+    def unchanged(self, job: "MarginJob") -> np.ndarray:
+        """Mask of ``job.rows`` not written since the job was made: their results are the
+        rows' margin as they are now."""
+        return self.version[job.rows] == job.versions
+
     def margin_account(self, account: str, rs: RiskSet) -> MarginResult:
         return self.margin(rs, np.array([self.row(account)], dtype=np.int64), parallel=False)
+
+
+@dataclass(eq=False)
+class MarginJob:
+    """A margin call detached from the book: the rows, their versions, and the layout and
+    slot arrays as they were when it was made.
+
+    Why it is safe to run while the book changes: a write to a row bumps its version, and
+    :meth:`AccountBook.unchanged` drops those rows' results. A row not written keeps its
+    slots' contents, wherever they are read: an account outgrowing its region moves to fresh
+    slots at the tail (its old slots are never reused), and arrays outgrown are replaced by
+    copies while the job keeps the old ones. The start/end arrays are copied (the book
+    rewrites them when rows are added)."""
+
+    rows: np.ndarray
+    versions: np.ndarray
+    start: np.ndarray
+    end: np.ndarray
+    inst: np.ndarray
+    qty: np.ndarray
+    cost: np.ndarray
+    universe_arrays: object
+    rs: RiskSet
+
+    def run(self) -> MarginResult:
+        """The kernel (it releases the GIL): run it on a thread of its own."""
+        return run_margin(self.rows, self.start, self.end, self.inst, self.qty, self.cost,
+                          self.universe_arrays, self.rs)
 
 
 @nb.njit(cache=True)

@@ -23,6 +23,7 @@ max(scan risk, short option minimum) + concentration add-on + basis add-on; MM =
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 
 import numba as nb
@@ -37,6 +38,10 @@ SPOT, PERPETUAL, FUTURE, CALL, PUT = 0, 1, 2, 3, 4
 #: clients (with 256, p99 at 10,000 events/s with quotes was 106-328 ms; with the account
 #: path's rounds and the market tick's steps serial, 58-97 ms, three runs each).
 _PARALLEL_MIN = 4096
+#: Parallel kernels launch one at a time: a market tick's kernel runs on a thread of its own,
+#: and not every numba threading layer accepts launches from two threads at once (workqueue
+#: aborts the process). Serial calls need no lock: they release the GIL and share nothing.
+_PARALLEL_LOCK = threading.Lock()
 
 
 # Columns of the packed instrument table after the n_scen risk-array columns.
@@ -63,7 +68,7 @@ def pack_instruments(rs: RiskSet, universe_arrays) -> np.ndarray:
     return tab
 
 
-@nb.njit(cache=True, fastmath={"contract", "nsz", "arcp"})
+@nb.njit(cache=True, nogil=True, fastmath={"contract", "nsz", "arcp"})
 def _margin_chunk(lo_r, hi_r, rows, start, end, p_inst, p_qty, p_cost, tab, spot_row, index,
                   weight, som_rate, conc_rate, conc_liq, basis_rate, mm_ratio, joint,
                   o_equity, o_im, o_mm, o_wu, o_ws, o_wv, o_greeks, o_pnl):
@@ -208,7 +213,7 @@ def _margin_chunk(lo_r, hi_r, rows, start, end, p_inst, p_qty, p_cost, tab, spot
         o_wv[r] = worst_v
 
 
-@nb.njit(cache=True, parallel=True)
+@nb.njit(cache=True, nogil=True, parallel=True)
 def margin_rows(rows, start, end, p_inst, p_qty, p_cost, tab, spot_row, index, weight,
                 som_rate, conc_rate, conc_liq, basis_rate, mm_ratio, joint, n_chunks,
                 o_equity, o_im, o_mm, o_wu, o_ws, o_wv, o_greeks, o_pnl):
@@ -249,6 +254,13 @@ class MarginResult:
     greeks: np.ndarray
     scenario_pnl: np.ndarray | None = None  # (n, n_und, n_scen) when requested
 
+    def take(self, idx: np.ndarray) -> "MarginResult":
+        """The results of ``idx`` (indices into the arrays) only."""
+        return MarginResult(self.rows[idx], self.equity[idx], self.im[idx], self.mm[idx],
+                            self.worst_underlying[idx], self.worst_scenario[idx],
+                            self.worst_pnl[idx], self.greeks[idx],
+                            None if self.scenario_pnl is None else self.scenario_pnl[idx])
+
     @property
     def shortfall(self) -> np.ndarray:
         """Amount to deposit to get back to IM."""
@@ -277,14 +289,18 @@ def run_margin(rows, start, end, p_inst, p_qty, p_cost, universe_arrays, rs: Ris
     ua = universe_arrays
     if parallel is None:
         parallel = n >= _PARALLEL_MIN
-    fn = margin_rows if parallel else margin_rows_serial
     n_chunks = max(1, min(n, nb.get_num_threads() * 8))
     tab = rs.packed(ua)
     o_pnl = np.zeros((n, weight.shape[0], weight.shape[1]) if scenario_pnl else (0, 0, 0))
-    fn(rows, start, end, p_inst, p_qty, p_cost, tab, ua.spot_row, _pad(rs.index, n_und),
-       weight, _pad(rs.short_option_min, n_und), _pad(rs.concentration_rate, n_und),
-       _pad(rs.concentration_liquidity, n_und, 1.0), _pad(rs.basis_rate, n_und),
-       _pad(rs.mm_ratio, n_und, 1.0), rs.joint, n_chunks, *out, o_pnl)
+    args = (rows, start, end, p_inst, p_qty, p_cost, tab, ua.spot_row, _pad(rs.index, n_und),
+            weight, _pad(rs.short_option_min, n_und), _pad(rs.concentration_rate, n_und),
+            _pad(rs.concentration_liquidity, n_und, 1.0), _pad(rs.basis_rate, n_und),
+            _pad(rs.mm_ratio, n_und, 1.0), rs.joint, n_chunks, *out, o_pnl)
+    if parallel:
+        with _PARALLEL_LOCK:
+            margin_rows(*args)
+    else:
+        margin_rows_serial(*args)
     return MarginResult(rows if out_rows is None else np.asarray(out_rows), *out,
                         o_pnl if scenario_pnl else None)
 

@@ -64,3 +64,45 @@ def test_random_operations_match_a_dict_model_and_margin_is_layout_independent()
             uni.instruments[uni.row(i)].underlying == und or i == und
             for i in model.get(a, {}))]
         assert book.rows_holding(und).tolist() == expect, und
+
+
+def test_margin_job_results_hold_for_rows_not_written_meanwhile():
+    """A margin job made before a burst of writes (trades, closes, reloads, accounts moving to
+    new regions, the slot arrays reallocated, new accounts) and run after it: exactly the rows
+    written meanwhile are flagged, and every other row's result equals margining the book as it
+    is now, bit for bit. This is what lets a market tick's kernel run beside account batches."""
+    uni = make_universe()
+    rs = make_market(uni).risk_set(NOW)
+    rng = np.random.default_rng(8)
+    book = E.AccountBook(uni, capacity=2)
+    ids = [inst.id for inst in uni.instruments if inst.kind != E.Kind.SPOT]
+    accts = [f"a{k}" for k in range(300)]
+    for a in accts:
+        book.apply_collateral(a, "USD", 50_000.0)
+        book.apply_trade(a, ids[int(rng.integers(len(ids)))], 0.5, 100.0)
+    rows = np.arange(len(book.ids), dtype=np.int64)
+    job = book.margin_job(rs, rows)
+    arrays_before = book.qty
+    written = set()
+    for step in range(400):
+        a = accts[int(rng.integers(len(accts)))]
+        written.add(a)
+        op = rng.random()
+        if op < 0.8:  # new instruments overflow the 2-slot regions: accounts move
+            book.apply_trade(a, ids[int(rng.integers(len(ids)))], float(rng.choice([-1, 1])),
+                             100.0)
+        elif op < 0.9 and book.positions(a):
+            book.set(a, book.positions(a)[0].instrument, 0.0, 0.0)
+        else:
+            book.load(a, book.positions(a)[::-1])
+    for k in range(2000):  # new accounts: rows and slot arrays grow
+        book.apply_collateral(f"new{k}", "USD", 1.0)
+    assert book.qty is not arrays_before  # the job reads arrays the book has replaced
+    res = job.run()
+    same = book.unchanged(job)
+    assert {book.ids[r] for r in rows[~same]} == written
+    now = book.margin(rs, rows[same])
+    part = res.take(np.flatnonzero(same))
+    for f in ("equity", "im", "mm", "worst_underlying", "worst_scenario", "worst_pnl",
+              "greeks"):
+        assert np.array_equal(getattr(part, f), getattr(now, f)), f
