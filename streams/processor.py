@@ -235,6 +235,10 @@ class RiskProcessor:
         r = self._ensure_rows(self.book.row(acct))
         self._state_arr[r] = rec["st"]
         self._seq_arr[r] = rec["seq"]
+        # its last snapshot was written before the restart or the move: counted as now, so a
+        # recovered book's first market tick does not write a snapshot of every account at once
+        # (they resume spread over the window; a state change still writes one at once)
+        self._last_snap[r] = self.clock() * 1000
         self.offsets[acct] = dict(rec["off"])
         self.partition[acct] = rec["p"]
         self.outbox[acct] = [event_from_json(e) for e in rec.get("out", [])]
@@ -365,13 +369,33 @@ class RiskProcessor:
         rows, t = self.holders(unds)
         return unds, rows, t
 
+    def tick_job(self, rows: np.ndarray) -> E.MarginJob:
+        """The margin kernel of a tick's ``rows``, to run off the event loop
+        (:meth:`E.MarginJob.run`) while account batches keep applying; its results are turned
+        into outputs by :meth:`finish_tick_job`."""
+        return self.book.margin_job(self.risk_set(), rows)
+
+    def finish_tick_job(self, job: E.MarginJob, res, lo: int, hi: int, trigger: str,
+                        t: int) -> Output | None:
+        """States, margin events and snapshots of the job's rows ``lo:hi`` from its result
+        ``res``. Rows written since the job was made are left out: their own batch margined
+        them at the same market, after the write. None if the market changed meanwhile (the
+        results are stale: the caller re-runs the tick)."""
+        if self._stale or self._rs is not job.rs:
+            return None
+        keep = lo + np.flatnonzero(self.book.version[job.rows[lo:hi]] == job.versions[lo:hi])
+        if keep.size == 0:
+            return Output()
+        part = res if keep.size == res.rows.size else res.take(keep)
+        n = keep.size
+        return self._remargin(part.rows, [trigger] * n, {}, [t] * n, res=part)
+
     @staticmethod
-    def tick_steps(rows: np.ndarray, min_step: int = 2000, max_steps: int = 10) -> list:
-        """The worker's steps through a tick's ``rows``: ``min_step`` accounts each, or more so
-        that a tick takes at most ``max_steps`` (a large book's steps are then large enough to
-        run the margin kernel on all threads: 100,000 accounts in steps of 10,000)."""
-        step = max(min_step, -(-rows.size // max_steps))
-        return [rows[lo:lo + step] for lo in range(0, rows.size, step)]
+    def tick_steps(n: int, min_step: int = 2000, max_steps: int = 10) -> list[tuple[int, int]]:
+        """The worker's steps through a tick's ``n`` rows, as (lo, hi) bounds: ``min_step``
+        accounts each, or more so that a tick takes at most ``max_steps``."""
+        step = max(min_step, -(-n // max_steps))
+        return [(lo, min(lo + step, n)) for lo in range(0, n, step)]
 
     def on_market_tick(self) -> Output:
         """Called at most every coalescing interval: recompute risk arrays once for all ticks
@@ -403,17 +427,21 @@ class RiskProcessor:
         n = len(self.book.ids)
         if self._state_arr.shape[0] < n:
             size = max(n, 2 * self._state_arr.shape[0], 1024)
-            for name, dt in (("_state_arr", np.int8), ("_seq_arr", np.int64)):
+            for name, dt, fill in (("_state_arr", np.int8, 0), ("_seq_arr", np.int64, 0),
+                                   ("_last_snap", np.float64, -1e18)):
                 old = getattr(self, name)
-                grown = np.zeros(size, dtype=dt)
+                grown = np.full(size, fill, dtype=dt)
                 grown[:old.shape[0]] = old
                 setattr(self, name, grown)
         return row
 
-    def _remargin(self, rows, triggers, sources, ts_ms) -> Output:
+    def _remargin(self, rows, triggers, sources, ts_ms, res=None) -> Output:
+        """Margin ``rows`` (or take ``res``, their margin at the current risk set) and derive
+        states, margin events and snapshots."""
         out = Output()
         rs = self.risk_set()
-        res = self.book.margin(rs, rows)
+        if res is None:
+            res = self.book.margin(rs, rows)
         accts = _pick(self.book.ids, rows)
         self._ensure_rows(0)
         prev = self._state_arr[rows]
@@ -440,15 +468,12 @@ class RiskProcessor:
 
     def _snapshot_columns(self, rows, accts, res, new, prev, ratio, short, triggers, ts_ms, rs,
                           now):
-        """Risk snapshots of the accounts due one (state changed, or none for
-        ``snapshot_interval_ms``), built column-wise so a market move over 100k accounts
-        stays vectorised."""
-        n_book = len(self.book.ids)
-        if self._last_snap.shape[0] < n_book:
-            grown = np.full(max(n_book, 2 * self._last_snap.shape[0]), -1e18)
-            grown[:self._last_snap.shape[0]] = self._last_snap
-            self._last_snap = grown
-        due = (new != prev) | (now - self._last_snap[rows] >= self.snapshot_interval_ms)
+        """Risk snapshots of the accounts due one (state changed, or none yet in the account's
+        current snapshot window, see :func:`_window_passed`), built column-wise so a market
+        move over 100k accounts stays vectorised."""
+        self._ensure_rows(0)
+        due = (new != prev) | _window_passed(rows, self._last_snap[rows], now,
+                                             self.snapshot_interval_ms)
         idx = np.flatnonzero(due)
         if idx.size == 0:
             return {}, {}
@@ -583,6 +608,28 @@ class StressRun:
                             float(rs.weight[u, s]), int(holders.size),
                             int(self.count[u, s]), float(self.loss[u, s])])
         return out
+
+
+#: Fractional part of the golden ratio: row r's window phase is frac(r x this), which spreads
+#: any run of consecutive rows evenly over the window (a low-discrepancy sequence).
+_PHASE = 0.6180339887498949
+
+
+def _window_passed(rows: np.ndarray, last: np.ndarray, now: float, interval: int) -> np.ndarray:
+    """Whether each account at book ``rows`` is in a later snapshot window than its last
+    snapshot (``last``, ms; -1e18 for none).
+
+    Time is cut into windows of ``interval`` ms, shifted per account by a phase in
+    [0, interval). Each account gets at most one periodic snapshot per window, and one at least
+    every window while it is re-margined, as with a plain "interval since the last one" rule.
+    But where that rule keeps accounts in step (every account of a book margined by the same
+    market tick is due again at the same tick, a second later: 20,000 snapshot rows in one
+    tick, then none for nine), the phases spread them over the window, so each tick of a
+    moving market writes about a tenth of the book and no tick stalls the account path."""
+    if interval <= 0:
+        return np.ones(rows.shape[0], dtype=np.bool_)
+    phase = np.modf(rows * _PHASE)[0] * interval
+    return np.floor((now + phase) / interval) != np.floor((last + phase) / interval)
 
 
 def _pick(seq, idx) -> list:

@@ -2,20 +2,15 @@
 not depend on how input was batched, and keep their types: numbers stay exact integers where
 the table has integers (times, sequence numbers, versions) whichever way the columns were
 merged across rounds."""
+import numpy as np
 import orjson
 
 from streams.processor import EXPOSURE_COLUMNS, SNAPSHOT_COLUMNS, Output, RiskProcessor
-from tests.pipeline.workload import INSTRUMENTS, account_events, quotes
+from tests.pipeline.workload import account_events, market_ready
 
 
 def _processor():
-    proc = RiskProcessor(snapshot_interval_ms=0, clock=lambda: 1_800_000_000.0)
-    for inst in INSTRUMENTS:
-        proc.apply_instrument(inst)
-    for q in quotes():
-        proc.apply_quote(q)
-    proc.on_market_tick()
-    return proc
+    return market_ready(RiskProcessor(snapshot_interval_ms=0, clock=lambda: 1_800_000_000.0))
 
 
 def _rows(out: Output, table: str) -> list[tuple]:
@@ -64,3 +59,25 @@ def test_merging_an_empty_exposure_round_keeps_integer_times():
     merged.extend(second)
     rows = _rows(merged, "expo")
     assert rows and all(type(r[2]) is int for r in rows)
+
+
+def test_periodic_snapshots_are_spread_over_the_window():
+    """20,000 accounts re-margined by a market tick every 100 ms for 5 s, snapshots at most once
+    a second: each account gets one snapshot in every one of its windows (never two), and the
+    ticks share the rows evenly instead of one tick writing the whole book."""
+    from streams.processor import _window_passed
+    rows = np.arange(20_000, dtype=np.int64)
+    last = np.full(rows.size, -1e18)
+    per_tick, per_account = [], np.zeros(rows.size, dtype=np.int64)
+    for k in range(51):
+        now = 1_800_000_000_000.0 + 100.0 * k
+        due = _window_passed(rows, last, now, 1000)
+        last[due] = now
+        per_tick.append(int(due.sum()))
+        if k:
+            per_account += due
+    assert per_tick[0] == rows.size  # none before: all due
+    assert np.all(per_account == 5)  # 5 s of ticks after the first: one per window each
+    assert max(per_tick[1:]) <= rows.size * 0.1 * 1.05  # a tenth of the book per tick, evenly
+    assert min(per_tick[1:]) >= rows.size * 0.1 * 0.95
+    assert np.array_equal(_window_passed(rows, last, now, 0), np.ones(rows.size, bool))

@@ -62,14 +62,19 @@ def publish_reference(pub):
     pub.flush()
 
 
-def replay(events):
-    """Offline: the events every account must produce, and its final stored record."""
-    proc = RiskProcessor()
+def market_ready(proc: RiskProcessor) -> RiskProcessor:
+    """``proc`` with the workload's instruments and opening quotes applied."""
     for inst in INSTRUMENTS:
         proc.apply_instrument(inst)
     for q in quotes():
         proc.apply_quote(q)
     proc.on_market_tick()
+    return proc
+
+
+def replay(events):
+    """Offline: the events every account must produce, and its final stored record."""
+    proc = market_ready(RiskProcessor())
     offsets: dict[str, int] = {}
     margin_events = []
     for topic, name, rec in events:
