@@ -261,8 +261,8 @@ def _as_generator(fn, *args):
     busy, delayed the worker (p99 95-132 ms against 39-51 ms niced, same code). Niceness
     cannot flatter the figures: each event is stamped with the wall clock as it is sent, so a
     generator that runs late stamps late, and any delay between its stamp and the broker
-    (its own client thread, also niced) counts against the worker. ``achieved_rate`` shows
-    it still sends at the target rate."""
+    counts against the worker (and is reported apart: ``generator_to_broker``).
+    ``achieved_rate`` shows it still sends at the target rate."""
     box: dict = {}
 
     def run():

@@ -60,8 +60,10 @@ class Settings(BaseSettings):
                                      "consumer waits for fetched records to be taken before "
                                      "fetching other partitions of the same broker")
     coalesce_ms: int = Field(100, ge=0, description="max staleness of coalesced quotes")
-    snapshot_interval_ms: int = Field(1000, ge=0, description="min ms between risk snapshots "
-                                      "of one account")
+    snapshot_interval_ms: int = Field(1000, ge=0, description="window of periodic risk "
+                                      "snapshots: at most one per account per window (windows "
+                                      "staggered across accounts); a state change always "
+                                      "writes one")
 
     # Margin states (global; per-underlying parameters come from the risk-params topic)
     warning_level: float = 1.2
