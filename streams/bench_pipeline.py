@@ -7,7 +7,8 @@ Measured:
   naive agent (the obvious implementation: ``async for event in stream`` -> decode -> apply ->
   margin one account -> table write), with the ratio;
 * end-to-end latency percentiles at a fixed input rate: event time (set by the producer) to
-  the risk snapshot / margin event the worker produces (both on the same clock);
+  the risk snapshot / margin event appended to its topic (the broker's append time; same
+  clock), and the same split at the broker's append of the input record;
 * quote fan-out: time to re-margin 100,000 accounts after one underlying moves (risk arrays +
   margin + states + outputs, the code path of a market tick);
 * worker memory (RSS) with 100,000 accounts loaded.
@@ -302,16 +303,21 @@ def _latency(settings, *args):
 
 
 def _append_time(settings) -> None:
-    """The bench's input topics stamp records with the broker's clock on append
-    (``LogAppendTime``): each latency sample can then be split at the broker, into the load
-    generator's part (stamp to append) and riskpipe's (append to output). The worker reads
-    event time from the record itself, never the Kafka timestamp, so nothing else changes."""
+    """The bench's topics stamp records with the broker's clock on append (``LogAppendTime``).
+
+    Outputs: a sample ends when its risk snapshot or margin event is in the log, readable by
+    a liquidation bot, not when the worker hands it to its Kafka client (the producer's create
+    time would leave out the client's batching and the broker's append). Inputs: each sample
+    can be split at the broker, into the load generator's part (stamp to append) and
+    riskpipe's (append to output). The worker reads event time from the record itself, never
+    the Kafka timestamp, so nothing else changes."""
     from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, \
         ConfigResource
     admin = AdminClient(settings.kafka_conf())
     res = [ConfigResource("topic", settings.topic(t), incremental_configs=[ConfigEntry(
         "message.timestamp.type", "LogAppendTime",
-        incremental_operation=AlterConfigOpType.SET)]) for t in ("trades", "collateral")]
+        incremental_operation=AlterConfigOpType.SET)])
+        for t in ("trades", "collateral", "risk-snapshots", "margin-calls")]
     for f in admin.incremental_alter_configs(res).values():
         f.result()
 
@@ -350,7 +356,7 @@ def _pct(a, q) -> float:
 def _measure_latency(settings, pub, port, rate, seconds, n_accounts, instruments, quotes,
                      quote_share=0.0):
     """Worker already running: publish at ``rate`` with event time = now and read the
-    risk-snapshots it writes (Kafka timestamp = when produced) and margin-calls."""
+    risk-snapshots and margin-calls it writes (Kafka timestamp = appended to the log)."""
     from confluent_kafka import Consumer, TopicPartition
     from schemas import Codec
     codec = Codec()
@@ -381,8 +387,12 @@ def _measure_latency(settings, pub, port, rate, seconds, n_accounts, instruments
             m = c.poll(0.1)
             if m is None or m.error():
                 continue
-            _, produced_ms = m.timestamp()
+            kind, produced_ms = m.timestamp()
+            if kind != 2:  # 2: log append time (set above); anything else would be a bug
+                raise RuntimeError(f"{m.topic()} records carry no log append time")
             if m.topic() == topics[0]:
+                if not m.value().startswith(b'{"risk_snapshots"'):
+                    continue  # exposure and stress rows: not parsed (the generator's CPU)
                 cols = orjson.loads(m.value()).get("risk_snapshots")
                 if cols:
                     for trig, ts, a in zip(cols["trigger"], cols["ts"], cols["account"]):
