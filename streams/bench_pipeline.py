@@ -515,23 +515,62 @@ def _ready(settings, pub) -> None:
         pub.producer.list_topics(settings.topic(t), timeout=30)
 
 
-def fanout(n_accounts=100_000, positions=20):
-    """In-process: 100k accounts; one BTC quote; time the market tick (the worker's path)."""
-    import engine as E
+def _processor(ins, quotes, snapshot_interval_ms):
+    """A RiskProcessor with the bench's instruments and opening quotes."""
     from .processor import RiskProcessor
-    from .simulator import Market
-    ins = _instruments()
-    proc = RiskProcessor(snapshot_interval_ms=0)
+    proc = RiskProcessor(snapshot_interval_ms=snapshot_interval_ms)
     for i in ins:
         proc.apply_instrument(dict(id=i.id, kind=i.kind, underlying=i.underlying,
                                    settlement=i.settlement, multiplier=i.multiplier,
                                    strike=i.strike, expiry=i.expiry, lot_size=i.lot_size))
-    mkt = Market(ins, T0, 1)
-    quotes = mkt.quotes(T0)
     for inst, mark, index, iv in quotes:
         proc.apply_quote(dict(instrument=inst, mark=mark, index_price=index, mark_iv=iv,
                               ts=T0))
     proc.on_market_tick()
+    return proc
+
+
+def in_process(ins, quotes, warmup, load, n=60_000, batch=2000) -> dict:
+    """The account path without Kafka or the event loop, on this machine, now: the
+    throughput workload's deposits, then its first ``n`` trades and collateral changes
+    (quotes left out) decoded and applied in batches of ``batch``, with the changelog records
+    and snapshot messages encoded as the worker encodes them.
+
+    Why: this machine's speed drifts by a third within a day (the naive baseline measured
+    1,150-1,710 events/s on one day, same code), so a figure alone says little. This is the
+    yardstick taken in the same run, and the ceiling a worker approaches: the worker's rate
+    over this one is the share the Kafka clients and the event loop leave."""
+    from schemas import Codec
+    from .processor import column_messages
+    codec = Codec()
+    proc = _processor(ins, quotes, 1000)
+    dumps, opt = orjson.dumps, orjson.OPT_SERIALIZE_NUMPY
+    timed = [r for r in load if r[0] != "quotes"][:n]
+
+    def apply(recs, first):
+        for lo in range(0, len(recs), batch):
+            dec = [codec.decode(v, millis=True) + (t, 0, first + lo + k)
+                   for k, (t, _, v) in enumerate(recs[lo:lo + batch])]
+            out = proc.apply_account_events(dec)
+            for a in out.touched:
+                dumps(proc.account_record(a), option=opt)
+            for table, cols in (("risk_snapshots", out.snapshots),
+                                ("exposures", out.exposures)):
+                column_messages(table, cols)
+    apply(warmup, 0)
+    t0 = time.perf_counter()
+    apply(timed, len(warmup))
+    el = time.perf_counter() - t0
+    return {"events": len(timed), "batch": batch, "events_per_s": round(len(timed) / el, 1)}
+
+
+def fanout(n_accounts=100_000, positions=20):
+    """In-process: 100k accounts; one BTC quote; time the market tick (the worker's path)."""
+    import engine as E
+    from .simulator import Market
+    ins = _instruments()
+    quotes = Market(ins, T0, 1).quotes(T0)
+    proc = _processor(ins, quotes, 0)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     rng = np.random.default_rng(4)
     uni = proc.universe
@@ -656,6 +695,7 @@ def run(events=200_000, accounts=20_000, latency_rate=10_000, latency_seconds=10
                 if sink.poll() is not None or time.time() > deadline:
                     raise RuntimeError(f"sink process not ready; see {data / 'sink.log'}")
                 time.sleep(0.2)
+        result["in_process_account_path"] = in_process(ins, quotes, warmup, load)
         result["riskpipe_worker"] = _throughput(s, "worker", 16066, warmup, load, extra=margin,
                                                 sink_port=16068 if sink_process else None)
         nb = baseline_events or min(events, 30_000)
