@@ -383,17 +383,30 @@ class RiskProcessor:
         results are stale: the caller re-runs the tick)."""
         if self._stale or self._rs is not job.rs:
             return None
-        keep = lo + np.flatnonzero(self.book.version[job.rows[lo:hi]] == job.versions[lo:hi])
-        if keep.size == 0:
+        idx = lo + np.flatnonzero(self.book.version[job.rows[lo:hi]] == job.versions[lo:hi])
+        # only the accounts with something to write (a state change, or a snapshot due) go on:
+        # most of a tick's accounts have neither, and building their output columns only to
+        # drop them took two thirds of a tick's time on the event loop
+        rows = job.rows[idx]
+        self._ensure_rows(0)
+        prev = self._state_arr[rows]
+        new = E.classify(prev, res.equity[idx], res.im[idx], res.mm[idx], self.thresholds)
+        due = _window_passed(rows, self._last_snap[rows], self.clock() * 1000,
+                             self.snapshot_interval_ms)
+        idx = idx[(new != prev) | due]
+        if idx.size == 0:
             return Output()
-        part = res if keep.size == res.rows.size else res.take(keep)
-        n = keep.size
+        part = res if idx.size == res.rows.size else res.take(idx)
+        n = idx.size
         return self._remargin(part.rows, [trigger] * n, {}, [t] * n, res=part)
 
     @staticmethod
-    def tick_steps(n: int, min_step: int = 2000, max_steps: int = 10) -> list[tuple[int, int]]:
+    def tick_steps(n: int, min_step: int = 10_000, max_steps: int = 10) -> list[tuple[int, int]]:
         """The worker's steps through a tick's ``n`` rows, as (lo, hi) bounds: ``min_step``
-        accounts each, or more so that a tick takes at most ``max_steps``."""
+        accounts each, or more so that a tick takes at most ``max_steps``. A step holds the
+        event loop ~1 ms per 10,000 accounts when few are due a snapshot (each step also has a
+        fixed cost of ~0.4 ms: 2,000-account steps made a 20,000-account tick 6.8 ms instead
+        of 2.4 ms), up to ~9 ms when all are (a restart's first tick over 100,000)."""
         step = max(min_step, -(-n // max_steps))
         return [(lo, min(lo + step, n)) for lo in range(0, n, step)]
 

@@ -3,13 +3,15 @@ derived in steps) gives the same states, margin events and snapshot rows as the 
 call; accounts traded while its kernel ran are left to their own batch."""
 import numpy as np
 import orjson
+import pytest
 
 from streams.processor import Output, RiskProcessor
 from tests.pipeline.workload import account_events, market_ready, quotes
 
 
-def _processor(n_accounts=80):
-    proc = market_ready(RiskProcessor(snapshot_interval_ms=0, clock=lambda: 1_800_000_000.0))
+def _processor(n_accounts=80, interval=0):
+    proc = market_ready(RiskProcessor(snapshot_interval_ms=interval,
+                                      clock=lambda: 1_800_000_000.0))
     deposits, trades = account_events(n_accounts)
     proc.apply_account_events([(n, r, t, 0, k) for k, (t, n, r) in
                                enumerate(deposits + trades)])
@@ -37,9 +39,12 @@ def _dump(out):
             [(e["event_id"], e["state"], e["equity"], e["im"], e["mm"]) for e in out.events])
 
 
-def test_stepped_tick_equals_the_tick_in_one_call():
-    a, _ = _processor()
-    b, _ = _processor()
+@pytest.mark.parametrize("interval", [0, 1000])
+def test_stepped_tick_equals_the_tick_in_one_call(interval):
+    """With snapshots due for every account (interval 0), and for none but the accounts whose
+    state changes (a fixed clock inside the window): the stepped tick skips the others."""
+    a, _ = _processor(interval=interval)
+    b, _ = _processor(interval=interval)
     _crash(a, 0.25)
     _crash(b, 0.25)
     one = a.on_market_tick()
@@ -47,6 +52,8 @@ def test_stepped_tick_equals_the_tick_in_one_call():
     assert one.events  # the crash moved accounts between states
     assert _dump(one) == _dump(stepped)
     assert a.state == b.state and a.seq == b.seq
+    n_snap = len(one.snapshots["account"])
+    assert n_snap == (a.holders(["BTC"])[0].size if interval == 0 else len(one.events))
 
 
 def test_accounts_traded_while_the_kernel_runs_are_left_to_their_batch():
