@@ -571,7 +571,11 @@ def fanout(n_accounts=100_000, positions=20):
     ins = _instruments()
     quotes = Market(ins, T0, 1).quotes(T0)
     proc = _processor(ins, quotes, 0)
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # the book's memory as the growth of the current RSS (the maximum RSS would hide it under
+    # whatever ran before in this process: the in-process account path does)
+    import gc
+    gc.collect()
+    rss0 = _rss_kb(os.getpid())
     rng = np.random.default_rng(4)
     uni = proc.universe
     tradable = np.array([uni.row(i.id) for i in ins if i.underlying == "BTC"])
@@ -584,7 +588,8 @@ def fanout(n_accounts=100_000, positions=20):
         qty[a, 1:] = rng.normal(0, 0.5, positions - 1)
         proc.partition[acct] = a % 4
     proc.book = E.AccountBook.from_dense(uni, ids, inst, qty, np.zeros_like(qty))
-    rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    gc.collect()
+    rss1 = _rss_kb(os.getpid())
     proc.on_market_tick()
     from .processor import column_messages
     times, encode = [], []
