@@ -436,11 +436,18 @@ class Pipeline:
         acked in order; at most ``RISKPIPE_OUTSTANDING_UNITS`` wait at once (beyond that, this
         waits for the oldest).
 
-        Why several: with one, every batch first waited for the previous batch's
+        Why allow several: with one, every batch first waits for the previous batch's
         acknowledgement, holding the work lock for a broker round trip (1-5 ms, 13-29 ms when
-        the broker is busy) in which neither the next batch nor a market tick could run. The
-        guarantee is unchanged: a batch's offsets are acked only after its outputs and
-        everything queued before them; a crash redoes every unacknowledged batch."""
+        the broker is busy) in which neither the next batch nor a market tick can run. The
+        guarantee is the same either way: a batch's offsets are acked only after its outputs
+        and everything queued before them; a crash redoes every unacknowledged batch.
+
+        Why the default is still one: trades and collateral changes travel on two topics and
+        are applied in arrival order. Not waiting, the agent takes a backlog in smaller,
+        earlier batches, before the other topic's records have been fetched: on the demo's
+        cold start (every deposit and opening trade already on the topics), 4 units gave 7,385
+        margin events, 2,171 of them an opening trade applied before its account's deposit;
+        1 unit gave 3,588 and 3,632 in all."""
         prev = self._pending[-1] if self._pending else None
 
         async def after_prev() -> None:
