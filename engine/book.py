@@ -334,10 +334,10 @@ class AccountBook:
                          self._start + self.count, self.inst, self.qty, self.cost,
                          self.universe.arrays, rs)
 
-    def unchanged(self, job: "MarginJob") -> np.ndarray:
-        """Mask of ``job.rows`` not written since the job was made: their results are the
-        rows' margin as they are now."""
-        return self.version[job.rows] == job.versions
+    def unchanged(self, job: "MarginJob", lo: int = 0, hi: int | None = None) -> np.ndarray:
+        """Mask of ``job.rows[lo:hi]`` not written since the job was made: their results are
+        the rows' margin as they are now."""
+        return self.version[job.rows[lo:hi]] == job.versions[lo:hi]
 
     def margin_account(self, account: str, rs: RiskSet) -> MarginResult:
         return self.margin(rs, np.array([self.row(account)], dtype=np.int64), parallel=False)

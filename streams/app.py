@@ -821,8 +821,10 @@ class Pipeline:
             if tick is None:
                 return
             unds, rows, t = tick
+            self.metrics["market_ticks"] += 1
+            if rows.size == 0:  # no holder here: nothing to margin, send or acknowledge
+                return
             job = proc.tick_job(rows)
-        self.metrics["market_ticks"] += 1
         epoch = self.feed.epoch if self.feed is not None else 0
         t0 = time.perf_counter()
         res = await asyncio.get_running_loop().run_in_executor(self._tick_pool, job.run)

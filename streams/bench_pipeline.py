@@ -373,11 +373,9 @@ def _measure_latency(settings, pub, port, rate, seconds, n_accounts, instruments
     lat: list[float] = []
     at: list[float] = []  # event time of each sample, for the per-second tail
     who: list = []  # (account, event time) of each sample: its input record's append time
-    inputs = []
-    for t in (settings.topic("trades"),):
-        for p in md.topics[t].partitions:
-            inputs.append(TopicPartition(t, p, c.get_watermark_offsets(
-                TopicPartition(t, p), timeout=10)[1]))
+    trades = settings.topic("trades")  # the latency phases send trades (and quotes) only
+    inputs = [TopicPartition(trades, p, c.get_watermark_offsets(
+        TopicPartition(trades, p), timeout=10)[1]) for p in md.topics[trades].partitions]
     stop = threading.Event()
     # only this phase's events (a worker may still be finishing older input)
     since_ms = time.time() * 1000 - 1
@@ -430,7 +428,7 @@ def _measure_latency(settings, pub, port, rate, seconds, n_accounts, instruments
         rec = dict(trade_id=f"lat{k}", account=acct, instrument=inst.id,
                    quantity=0.01 if rng.random() < 0.5 else -0.01,
                    price=float(marks[inst.id]), fee=0.0, ts=None)
-        records.append((settings.topic("trades"), acct.encode(), _stub(codec, rec, "Trade")))
+        records.append((trades, acct.encode(), _stub(codec, rec, "Trade")))
     produce = pub.producer.produce
     t0 = time.perf_counter()
     for k, (topic, key, stub) in enumerate(records):

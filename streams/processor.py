@@ -383,7 +383,7 @@ class RiskProcessor:
         results are stale: the caller re-runs the tick)."""
         if self._stale or self._rs is not job.rs:
             return None
-        idx = lo + np.flatnonzero(self.book.version[job.rows[lo:hi]] == job.versions[lo:hi])
+        idx = lo + np.flatnonzero(self.book.unchanged(job, lo, hi))
         # only the accounts with something to write (a state change, or a snapshot due) go on:
         # most of a tick's accounts have neither, and building their output columns only to
         # drop them took two thirds of a tick's time on the event loop
@@ -483,8 +483,8 @@ class RiskProcessor:
                           now):
         """Risk snapshots of the accounts due one (state changed, or none yet in the account's
         current snapshot window, see :func:`_window_passed`), built column-wise so a market
-        move over 100k accounts stays vectorised."""
-        self._ensure_rows(0)
+        move over 100k accounts stays vectorised. The caller has sized the per-row arrays
+        (:meth:`_ensure_rows`)."""
         due = (new != prev) | _window_passed(rows, self._last_snap[rows], now,
                                              self.snapshot_interval_ms)
         idx = np.flatnonzero(due)
