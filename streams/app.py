@@ -160,7 +160,8 @@ class Pipeline:
                                         **raw)
         groups = {}
         if self.margin_role:
-            groups["accounts"] = [s.topic("trades"), s.topic("collateral")]
+            # collateral first: at equal event times a deposit is applied before a trade
+            groups["accounts"] = [s.topic("collateral"), s.topic("trades")]
             self._build_margin(app, raw)
         if self.sink_role:
             groups["sink-snapshots"] = [s.topic("risk-snapshots")]
@@ -168,7 +169,8 @@ class Pipeline:
         self.feeds = install_feed(app, groups, {"sink-snapshots": s.sink_buffer,
                                                 "sink-events": s.sink_buffer},
                                   fetch_max_wait_ms=s.fetch_max_wait_ms,
-                                  prefetch_backoff_ms=s.prefetch_backoff_ms)
+                                  prefetch_backoff_ms=s.prefetch_backoff_ms,
+                                  aligned={"accounts": s.align_max_wait_ms})
         self.feed = self.feeds.get("accounts")
         if self.sink_role:
             self._build_sink(app)
@@ -673,6 +675,9 @@ class Pipeline:
         lines = []
         for k, v in self.metrics.items():
             lines += [f"# TYPE riskpipe_{k}_total counter", f"riskpipe_{k}_total {v}"]
+        if self.margin_role:  # account records taken out of event-time order (wait bound)
+            lines += ["# TYPE riskpipe_unaligned_releases_total counter",
+                      f"riskpipe_unaligned_releases_total {self.feed.forced}"]
         lines.append("# TYPE riskpipe_stage_seconds_total counter")
         for k, v in self.timings.items():
             lines.append(f'riskpipe_stage_seconds_total{{stage="{k}"}} {v:.3f}')

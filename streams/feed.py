@@ -27,11 +27,17 @@ offsets make a re-read harmless.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import deque
 
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP
 from mode.utils.futures import notify
+
+log = logging.getLogger(__name__)
+
+# records an aligned feed may hold back per fetch of its bound before pausing (see put)
+STAGED_PER_FETCH = 4096
 
 
 class Feed:
@@ -43,7 +49,8 @@ class Feed:
     The fetch loop itself never waits on a feed, so a stalled agent (the sink during a
     ClickHouse outage) cannot hold up the others (the accounts agent and margin calls)."""
 
-    def __init__(self, topics, max_fetches: int = 16):
+    def __init__(self, topics, max_fetches: int = 16, align: bool = False,
+                 align_max_wait_ms: int = 1000):
         self.topics = frozenset(topics)
         self.epoch = 0
         self._q: deque = deque()
@@ -51,11 +58,28 @@ class Feed:
         self._not_empty = asyncio.Event()
         self._paused: set = set()
         self._consumer = None
+        # event-time alignment of co-partitioned topics (see take): topics in tie-break
+        # order, records fetched but not yet released, next offset received per partition,
+        # and since when (loop time) each partition number has waited for a lagging topic
+        self._align = list(topics) if align else None
+        self._max_wait = align_max_wait_ms / 1000.0
+        self._staged: dict[tuple, deque] = {}
+        self._n_staged = 0
+        self._next: dict[tuple, int] = {}
+        self._blocked: dict[int, float] = {}
+        self._warned: set[int] = set()
+        self._turn = 0
+        self.forced = 0  # releases out of event-time order, after the wait bound ran out
 
     def revoke(self) -> None:
         """Forget everything fetched so far (called when partitions are revoked)."""
         self.epoch += 1
         self._q.clear()
+        self._staged.clear()
+        self._n_staged = 0
+        self._next.clear()
+        self._blocked.clear()
+        self._warned.clear()
         self._not_empty.clear()
         if self._consumer is not None:  # revoked partitions are no longer ours to resume
             self._consumer._buffered_partitions.difference_update(self._paused)
@@ -66,16 +90,21 @@ class Feed:
             return
         self._q.append((epoch, fetch))
         self._not_empty.set()
-        if consumer is not None and len(self._q) >= self._max:
+        if consumer is not None:
             self._consumer = consumer
+        full = len(self._q) >= self._max
+        if consumer is not None and (full or self._n_staged >= self._max * STAGED_PER_FETCH):
             for tp in fetch:
                 tp = TP(tp.topic, tp.partition)  # Faust's own type, as its partition sets hold
+                if not full and not self._staged.get((tp.topic, tp.partition)):
+                    continue  # held back records may be waiting for this one: keep fetching it
                 if tp not in self._paused:
                     consumer.on_buffer_full(tp)
                     self._paused.add(tp)
 
     def _maybe_resume(self) -> None:
-        if self._paused and len(self._q) <= self._max // 2:
+        if self._paused and len(self._q) <= self._max // 2 and \
+                self._n_staged <= self._max * STAGED_PER_FETCH // 2:
             for tp in self._paused:
                 self._consumer.on_buffer_drop(tp)
             self._paused.clear()
@@ -86,7 +115,12 @@ class Feed:
         to fill a batch: while one batch is processed the next accumulates, so batches grow
         with the load and latency stays at one processing round. ``within`` (seconds) waits
         for more first, for an agent that prefers fewer, larger batches (the ClickHouse sink:
-        fewer parts). Records of one partition keep their order."""
+        fewer parts). Records of one partition keep their order.
+
+        An aligned feed (``align``) instead releases the records of each partition number in
+        event-time order across its topics; see :meth:`_take_aligned`."""
+        if self._align is not None:
+            return await self._take_aligned(max_records)
         while not self._q:
             self._not_empty.clear()
             await self._not_empty.wait()
@@ -115,6 +149,112 @@ class Feed:
         self._maybe_resume()
         return epoch, out
 
+
+    async def _take_aligned(self, max_records: int) -> tuple[int, list]:
+        """Event-time alignment of co-partitioned topics (trades and collateral changes).
+
+        Why: an account's trades and collateral changes travel on two topics, and Kafka orders
+        records only within a partition. Taken in arrival order, a trade could be applied
+        before the deposit that preceded it whenever the collateral topic's fetch lagged
+        (a backlog, a restart): a margin call or liquidation event for an account that was
+        never short of margin, which a liquidation bot would act on.
+
+        How (Kafka Streams' rule): records of partition ``p`` of every topic are merged by
+        their Kafka timestamp (ties: the topics' order, collateral first). A record is held
+        while another topic's partition ``p`` has nothing fetched but is known to hold more
+        (its high watermark is beyond what this feed has received) or its end is not known
+        yet; never longer than ``align_max_wait_ms``, after which the partition's records go
+        in arrival order (counted in ``forced``) until the lagging topic catches up. At the
+        live end of the log every partition is caught up and nothing waits. Records of one
+        partition keep their order, so offsets are still acknowledged in sequence."""
+        loop = asyncio.get_running_loop()
+        while True:
+            while self._q:
+                for tp, recs in self._q.popleft()[1].items():
+                    key = (tp[0], tp[1])
+                    self._staged.setdefault(key, deque()).extend(recs)
+                    self._n_staged += len(recs)
+                    self._next[key] = recs[-1].offset + 1
+            out = self._release(max_records, loop.time())
+            if out:
+                self._maybe_resume()
+                return self.epoch, out
+            wait = None
+            if self._blocked:
+                wait = max(0.0, min(self._blocked.values()) + self._max_wait - loop.time())
+            self._not_empty.clear()
+            try:
+                await asyncio.wait_for(self._not_empty.wait(), wait)
+            except asyncio.TimeoutError:
+                pass
+
+    def _release(self, max_records: int, now: float) -> list:
+        out: list = []
+        parts = sorted({key[1] for key, d in self._staged.items() if d})
+        if not parts:
+            return out
+        self._turn = (self._turn + 1) % len(parts)  # no partition starves under a backlog
+        for p in parts[self._turn:] + parts[:self._turn]:
+            group = [(t, p) for t in self._align]
+            deqs = [self._staged.get(key) or deque() for key in group]
+            while len(out) < max_records:
+                live = [i for i, d in enumerate(deqs) if d]
+                if not live:
+                    self._unblock(p)  # nothing held back here any more
+                    break
+                if len(live) < len(deqs):
+                    lagging = any(not deqs[i] and not self._caught_up(group[i])
+                                  for i in range(len(deqs)))
+                    if not lagging:
+                        self._unblock(p)
+                    else:
+                        since = self._blocked.setdefault(p, now)
+                        if now - since < self._max_wait:
+                            break
+                        self.forced += 1
+                        if p not in self._warned:
+                            self._warned.add(p)
+                            log.warning("partition %d: account records taken out of event-time "
+                                        "order: waited %.0f ms for %s", p,
+                                        (now - since) * 1000,
+                                        [k[0] for k, d in zip(group, deqs) if not d])
+                    if len(live) == 1:  # the others have nothing to merge: all in order
+                        d = deqs[live[0]]
+                        n = min(len(d), max_records - len(out))
+                        out += [d.popleft() for _ in range(n)]
+                        continue
+                else:
+                    self._unblock(p)
+                i = min(live, key=lambda i: (deqs[i][0].timestamp, i))
+                out.append(deqs[i].popleft())
+            if len(out) >= max_records:
+                break
+        self._n_staged -= len(out)
+        return out
+
+    def _unblock(self, p: int) -> None:
+        self._blocked.pop(p, None)
+        self._warned.discard(p)
+
+    def _caught_up(self, key: tuple) -> bool:
+        """True when the feed has received everything the broker held for ``key`` at its
+        last fetch response; False while that is unknown."""
+        c = self._consumer
+        if c is None:
+            return True
+        tp = TP(*key)
+        try:
+            end = c.highwater(tp)
+        except AssertionError:  # not assigned to this worker: nothing to wait for
+            return True
+        if end is None:
+            return False
+        received = self._next.get(key)
+        if received is None:  # nothing since the assignment: the consumer starts at the commit
+            received = c._committed_offset.get(tp)
+        if received is None:  # nothing committed either: only an empty log is known to be read
+            return end == 0
+        return received >= end
 
 class BatchConsumer(faust_aiokafka.Consumer):
     """Faust's aiokafka consumer with bulk hand-off of the feed's topics (see module doc)."""
@@ -246,14 +386,20 @@ class BatchTransport(faust_aiokafka.Transport):
 
 def install(app, groups: dict[str, list[str]], max_fetches: dict[str, int] | None = None,
             fetch_max_wait_ms: int | None = None,
-            prefetch_backoff_ms: int | None = None) -> dict[str, Feed]:
+            prefetch_backoff_ms: int | None = None, aligned: dict[str, int] | None = None
+            ) -> dict[str, Feed]:
     """Give ``app`` the batch transport with one feed per named group of topics; call before
-    the app starts. Returns the feeds by name."""
+    the app starts. ``aligned``: group name -> wait bound (ms) of the groups whose topics are
+    merged in event-time order per partition (:meth:`Feed._take_aligned`; the group's topic
+    order breaks ties). Returns the feeds by name."""
     transport = BatchTransport(app.conf.broker_consumer, app)
     transport.fetch_max_wait_ms = fetch_max_wait_ms
     transport.prefetch_backoff_ms = prefetch_backoff_ms
     bounds = max_fetches or {}
-    feeds = {name: Feed(topics, bounds.get(name, 16)) for name, topics in groups.items()}
+    aligned = aligned or {}
+    feeds = {name: Feed(topics, bounds.get(name, 16), align=name in aligned,
+                        align_max_wait_ms=aligned.get(name, 1000))
+             for name, topics in groups.items()}
     transport.feeds = {t: f for f in feeds.values() for t in f.topics}
     app.transport = transport
     return feeds

@@ -65,6 +65,10 @@ class Settings(BaseSettings):
     prefetch_backoff_ms: int = Field(10, ge=0, le=1000, description="longest the worker's "
                                      "consumer waits for fetched records to be taken before "
                                      "fetching other partitions of the same broker")
+    align_max_wait_ms: int = Field(1000, ge=0, le=60_000, description="longest an account "
+                                   "record is held back for the other account topic's earlier "
+                                   "records (trades and collateral changes are applied in "
+                                   "event-time order per partition; see docs/reliability.md)")
     coalesce_ms: int = Field(100, ge=0, description="max staleness of coalesced quotes")
     snapshot_interval_ms: int = Field(1000, ge=0, description="window of periodic risk "
                                       "snapshots: at most one per account per window (windows "

@@ -157,3 +157,113 @@ def test_the_worker_consumer_caps_the_prefetch_back_off():
         return thread._consumer._fetcher._prefetch_backoff
 
     assert asyncio.run(run()) == 0.01
+
+
+# -- event-time alignment of the account topics ----------------------------------------------
+
+def _timed(topic, partition, first, stamps):
+    """One fetch of ``topic``/``partition``: offsets from ``first``, Kafka timestamps given."""
+    return {TP(topic, partition): [
+        SimpleNamespace(topic=topic, partition=partition, offset=first + k, timestamp=ts)
+        for k, ts in enumerate(stamps)]}
+
+
+class _Ends(_Consumer):
+    """A consumer that knows each assigned partition's end (high watermark) as of its last
+    fetch; ``None``: not fetched yet. Unassigned partitions raise, as aiokafka's does."""
+
+    def __init__(self, ends, committed=None):
+        super().__init__()
+        self.ends = ends
+        self._committed_offset = committed or {}
+
+    def highwater(self, tp):
+        assert tp in self.ends, "Partition is not assigned"
+        return self.ends[tp]
+
+
+def _stamps(records):
+    return [(r.topic, r.offset, r.timestamp) for r in records]
+
+
+def test_an_aligned_feed_holds_trades_until_earlier_collateral_changes_are_fetched():
+    """The trades' partition was fetched first (a backlog); the collateral partition is known
+    to hold records not fetched yet. Nothing goes until they arrive, then both merge by event
+    time, a deposit before a trade of the same millisecond."""
+    async def run():
+        c = _Ends({TP("collateral", 0): 3, TP("trades", 0): 4}, committed={})
+        feed = Feed(["collateral", "trades"], align=True, align_max_wait_ms=5000)
+        feed.put(0, _timed("trades", 0, 0, [10, 20, 30, 40]), c)
+        early = asyncio.ensure_future(feed.take(100))
+        await asyncio.sleep(0.05)
+        held = not early.done()
+        feed.put(0, _timed("collateral", 0, 0, [5, 20, 35]), c)
+        return held, await early, feed.forced
+    held, (_, batch), forced = asyncio.run(run())
+    assert held
+    assert _stamps(batch) == [("collateral", 0, 5), ("trades", 0, 10), ("collateral", 1, 20),
+                              ("trades", 1, 20), ("trades", 2, 30), ("collateral", 2, 35),
+                              ("trades", 3, 40)]
+    assert forced == 0
+
+
+def test_a_caught_up_topic_holds_nothing_back():
+    """At the live end of the log: the collateral partition's end equals what was received
+    (or, before anything was received, the committed offset), so trades go at once."""
+    async def run():
+        c = _Ends({TP("collateral", 0): 7, TP("trades", 0): 3}, committed={TP("collateral", 0): 7})
+        feed = Feed(["collateral", "trades"], align=True, align_max_wait_ms=5000)
+        feed.put(0, _timed("trades", 0, 0, [10, 20, 30]), c)
+        first = await asyncio.wait_for(feed.take(100), 1)
+        feed.put(0, _timed("collateral", 0, 7, [40]), c)
+        c.ends[TP("collateral", 0)] = 8
+        second = await asyncio.wait_for(feed.take(100), 1)
+        feed.put(0, _timed("trades", 0, 3, [50]), c)
+        third = await asyncio.wait_for(feed.take(100), 1)
+        return first[1], second[1], third[1]
+    first, second, third = asyncio.run(run())
+    assert [r.offset for r in first] == [0, 1, 2]
+    assert _stamps(second) == [("collateral", 7, 40)]
+    assert _stamps(third) == [("trades", 3, 50)]
+
+
+def test_the_wait_for_a_lagging_topic_is_bounded_and_other_partitions_never_wait():
+    async def run():
+        c = _Ends({TP("collateral", 0): 9, TP("trades", 0): 2,
+                   TP("collateral", 1): 0, TP("trades", 1): 1})
+        feed = Feed(["collateral", "trades"], align=True, align_max_wait_ms=100)
+        feed.put(0, _timed("trades", 0, 0, [10, 20]), c)  # collateral[0] lags, never comes
+        feed.put(0, _timed("trades", 1, 0, [15]), c)      # collateral[1] is empty
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        _, first = await feed.take(100)
+        t1 = loop.time()
+        _, second = await feed.take(100)
+        return first, second, t1 - t0, loop.time() - t0, feed.forced
+    first, second, t_first, t_second, forced = asyncio.run(run())
+    assert _offsets(first) == [("trades", 1, 0)] and t_first < 0.05
+    assert _offsets(second) == [("trades", 0, 0), ("trades", 0, 1)]
+    assert 0.09 <= t_second < 1.0 and forced == 1
+
+
+def test_an_aligned_feed_bounds_batches_and_keeps_each_partition_in_offset_order():
+    async def run():
+        c = _Ends({TP("collateral", p): 50 for p in range(2)} |
+                  {TP("trades", p): 50 for p in range(2)})
+        feed = Feed(["collateral", "trades"], align=True)
+        rng = __import__("random").Random(3)
+        for p in range(2):
+            for t in ("collateral", "trades"):
+                feed.put(0, _timed(t, p, 0, sorted(rng.randrange(1000) for _ in range(50))), c)
+        batches = []
+        while sum(len(b) for b in batches) < 200:
+            batches.append((await asyncio.wait_for(feed.take(30), 1))[1])
+        return batches
+    batches = asyncio.run(run())
+    assert all(len(b) <= 30 for b in batches)
+    merged = [r for b in batches for r in b]
+    for p in range(2):
+        part = [r for r in merged if r.partition == p]
+        assert [r.timestamp for r in part] == sorted(r.timestamp for r in part)
+        for t in ("collateral", "trades"):
+            assert [r.offset for r in part if r.topic == t] == list(range(50))
