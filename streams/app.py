@@ -444,12 +444,9 @@ class Pipeline:
         guarantee is the same either way: a batch's offsets are acked only after its outputs
         and everything queued before them; a crash redoes every unacknowledged batch.
 
-        Why the default is still one: trades and collateral changes travel on two topics and
-        are applied in arrival order. Not waiting, the agent takes a backlog in smaller,
-        earlier batches, before the other topic's records have been fetched: on the demo's
-        cold start (every deposit and opening trade already on the topics), 4 units gave 7,385
-        margin events, 2,171 of them an opening trade applied before its account's deposit;
-        1 unit gave 3,588 and 3,632 in all."""
+        Not waiting, the agent takes a backlog in smaller, earlier batches. That once let a
+        trade overtake its account's deposit on the other topic; the feed now merges the two
+        topics in event-time order (``Feed._take_aligned``), whatever the batch sizes."""
         prev = self._pending[-1] if self._pending else None
 
         async def after_prev() -> None:

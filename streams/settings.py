@@ -53,12 +53,10 @@ class Settings(BaseSettings):
     web_host: str = "127.0.0.1"
     batch_max: int = Field(2000, ge=1, description="max account events per micro-batch "
                            "(a batch takes what has arrived, without waiting to fill)")
-    outstanding_units: int = Field(1, ge=1, le=64, description="units of work (account "
+    outstanding_units: int = Field(4, ge=1, le=64, description="units of work (account "
                                    "batches, market ticks) whose outputs may await the broker "
-                                   "at once; offsets are still acked in order. More than one "
-                                   "lowers latency but, on a backlog, makes a trade more "
-                                   "likely to be applied before its account's deposit in the "
-                                   "collateral topic (see docs/reliability.md)")
+                                   "at once; offsets are still acked in order (see "
+                                   "docs/reliability.md)")
     fetch_max_wait_ms: int = Field(20, ge=1, le=1500, description="longest the broker holds a "
                                    "fetch of the worker's topics waiting for data; while it "
                                    "does, no other partition of that broker is fetched")
