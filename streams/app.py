@@ -112,6 +112,12 @@ class Pipeline:
         self.latency = Histogram("riskpipe_event_to_output_seconds",
                                  "event time of an input record to its outputs acknowledged",
                                  (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+        # the part of that before the worker: a fetch's oldest record, from its Kafka timestamp
+        # (the producer's, or the broker's append time) to its arrival in the accounts feed
+        self.fetch_lag = Histogram("riskpipe_input_fetch_lag_seconds",
+                                   "Kafka timestamp of the oldest record of each partition's "
+                                   "fetch to its arrival at the accounts agent",
+                                   (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
         self.sink_latency = Histogram("riskpipe_sink_batch_seconds",
                                       "ClickHouse insert time per batch",
                                       (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5))
@@ -172,6 +178,8 @@ class Pipeline:
                                   prefetch_backoff_ms=s.prefetch_backoff_ms,
                                   aligned={"accounts": s.align_max_wait_ms})
         self.feed = self.feeds.get("accounts")
+        if self.feed is not None:
+            self.feed.on_fetch = self.fetch_lag.observe
         if self.sink_role:
             self._build_sink(app)
         if s.web_port > 0:
@@ -694,6 +702,8 @@ class Pipeline:
         for t, n in sorted(self.events_by_topic.items()):
             lines.append(f'riskpipe_input_events_total{{topic="{t}"}} {n}')
         lines += self.latency.text()
+        if self.margin_role:
+            lines += self.fetch_lag.text()
         if self.sink is not None:
             lines += self.sink_latency.text()
             lines.append("# TYPE riskpipe_sink_rows_total counter")

@@ -162,6 +162,29 @@ def _gc_seconds(port) -> float:
                if line.startswith("riskpipe_gc_seconds_total{"))
 
 
+def _buckets(port, name) -> dict[float, float]:
+    """Cumulative counts of a histogram on the worker's /metrics, by upper bound (s)."""
+    out = {}
+    for line in _scrape(port):
+        if line.startswith(f"{name}_bucket{{"):
+            le = line.split('le="', 1)[1].split('"', 1)[0]
+            out[float("inf") if le == "+Inf" else float(le)] = float(line.split()[-1])
+    return out
+
+
+def _bucket_quantiles(before: dict, after: dict) -> dict:
+    """Upper bounds (ms) of the buckets holding the p50 and p99 of the observations made
+    between two scrapes, and their count."""
+    bounds = sorted(after)
+    cum = [after[b] - before.get(b, 0.0) for b in bounds]
+    n = cum[-1] if cum else 0
+    out = {"fetches": int(n)}
+    for q in (50, 99):
+        b = next((b for b, c in zip(bounds, cum) if n and c >= n * q / 100), None)
+        out[f"p{q}_ms_at_most"] = None if b is None or b == float("inf") else round(b * 1000)
+    return out
+
+
 def _sink_rows(port) -> float:
     """Rows the worker's sink has stored so far, all tables."""
     return sum(float(line.split()[1]) for line in _scrape(port)
@@ -409,6 +432,7 @@ def _measure_latency(settings, pub, port, rate, seconds, n_accounts, instruments
     th = threading.Thread(target=consume, daemon=True)
     th.start()
     gc0 = _gc_seconds(port)
+    fetch0 = _buckets(port, "riskpipe_input_fetch_lag_seconds")
     rng = np.random.default_rng(9)
     tradable = [i for i in instruments if i.kind in ("PERPETUAL", "FUTURE")]
     marks = {q[0]: q[1] for q in quotes}
@@ -443,6 +467,7 @@ def _measure_latency(settings, pub, port, rate, seconds, n_accounts, instruments
     th.join()
     c.close()
     gc_pause = _gc_seconds(port) - gc0
+    fetch_lag = _bucket_quantiles(fetch0, _buckets(port, "riskpipe_input_fetch_lag_seconds"))
     a = np.array(lat) if lat else np.array([np.nan])
     # p99 per second of the run: tells one long stall from a tail spread over the run
     sec = ((np.array(at) - min(at)) // 1000).astype(int) if at else np.zeros(0, int)
@@ -463,7 +488,10 @@ def _measure_latency(settings, pub, port, rate, seconds, n_accounts, instruments
                 "max_ms": _pct(in_riskpipe, 100)},
             "generator_to_broker": {"p50_ms": _pct(to_broker, 50), "p99_ms": _pct(to_broker, 99),
                                     "max_ms": _pct(to_broker, 100)},
-            "worker_gc_pause_s": round(gc_pause, 3)}
+            "worker_gc_pause_s": round(gc_pause, 3),
+            # how much of riskpipe's part passes before the worker has its input: from the
+            # input's append to its fetch reaching the accounts agent (bucket bounds)
+            "input_fetch_lag": fetch_lag}
 
 
 _STUBS_CHECKED: set[str] = set()

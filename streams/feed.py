@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 
 from faust.transport.drivers import aiokafka as faust_aiokafka
@@ -70,6 +71,9 @@ class Feed:
         self._warned: set[int] = set()
         self._turn = 0
         self.forced = 0  # releases out of event-time order, after the wait bound ran out
+        # called with each partition fetch's lag (seconds from its oldest record's Kafka
+        # timestamp to now): where input latency goes before the worker has the records
+        self.on_fetch = None
 
     def revoke(self) -> None:
         """Forget everything fetched so far (called when partitions are revoked)."""
@@ -90,6 +94,10 @@ class Feed:
             return
         self._q.append((epoch, fetch))
         self._not_empty.set()
+        if self.on_fetch is not None:
+            now = time.time()
+            for recs in fetch.values():
+                self.on_fetch(max(0.0, now - recs[0].timestamp / 1000.0))
         if consumer is not None:
             self._consumer = consumer
         full = len(self._q) >= self._max

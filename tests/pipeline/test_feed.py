@@ -267,3 +267,15 @@ def test_an_aligned_feed_bounds_batches_and_keeps_each_partition_in_offset_order
         assert [r.timestamp for r in part] == sorted(r.timestamp for r in part)
         for t in ("collateral", "trades"):
             assert [r.offset for r in part if r.topic == t] == list(range(50))
+
+
+def test_each_partition_fetch_reports_the_lag_of_its_oldest_record():
+    import time as _time
+    lags = []
+    feed = Feed(["collateral", "trades"], align=True)
+    feed.on_fetch = lags.append
+    now_ms = int(_time.time() * 1000)
+    feed.put(0, {**_timed("trades", 0, 0, [now_ms - 2000, now_ms - 100]),
+                 **_timed("trades", 1, 0, [now_ms - 500])})
+    assert len(lags) == 2
+    assert 1.99 <= lags[0] < 2.5 and 0.49 <= lags[1] < 1.0
