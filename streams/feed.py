@@ -233,8 +233,13 @@ class Feed:
                         continue
                 else:
                     self._unblock(p)
-                i = min(live, key=lambda i: (deqs[i][0].timestamp, i))
-                out.append(deqs[i].popleft())
+                # the earliest head, then the rest of its run up to the next topic's head
+                first, second = sorted(live, key=lambda k: (deqs[k][0].timestamp, k))[:2]
+                d, bound = deqs[first], deqs[second][0].timestamp
+                out.append(d.popleft())
+                while d and len(out) < max_records and (
+                        d[0].timestamp < bound or (d[0].timestamp == bound and first < second)):
+                    out.append(d.popleft())
             if len(out) >= max_records:
                 break
         self._n_staged -= len(out)
