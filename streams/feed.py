@@ -157,7 +157,6 @@ class Feed:
         self._maybe_resume()
         return epoch, out
 
-
     async def _take_aligned(self, max_records: int) -> tuple[int, list]:
         """Event-time alignment of co-partitioned topics (trades and collateral changes).
 
@@ -199,6 +198,8 @@ class Feed:
     def _release(self, max_records: int, now: float) -> list:
         out: list = []
         parts = sorted({key[1] for key, d in self._staged.items() if d})
+        for p in [p for p in self._blocked if p not in parts]:
+            self._unblock(p)  # drained: its wait bound must not wake take() again
         if not parts:
             return out
         self._turn = (self._turn + 1) % len(parts)  # no partition starves under a backlog
@@ -265,9 +266,21 @@ class Feed:
         received = self._next.get(key)
         if received is None:  # nothing since the assignment: the consumer starts at the commit
             received = c._committed_offset.get(tp)
-        if received is None:  # nothing committed either: only an empty log is known to be read
+        if received is None:  # nothing committed: where the reset put it (a log emptied by
+            received = self._position(tp)  # retention ends where it starts)
+        if received is None:
             return end == 0
         return received >= end
+
+    def _position(self, tp) -> int | None:
+        """The consumer's next offset of ``tp`` (after an offset reset: where it starts)."""
+        try:
+            state = self._consumer._thread._consumer._subscription.subscription.assignment \
+                .state_value(tp)
+        except AttributeError:  # not started, or no assignment yet
+            return None
+        return state.position if state is not None and state.has_valid_position else None
+
 
 class BatchConsumer(faust_aiokafka.Consumer):
     """Faust's aiokafka consumer with bulk hand-off of the feed's topics (see module doc)."""

@@ -279,3 +279,39 @@ def test_each_partition_fetch_reports_the_lag_of_its_oldest_record():
                  **_timed("trades", 1, 0, [now_ms - 500])})
     assert len(lags) == 2
     assert 1.99 <= lags[0] < 2.5 and 0.49 <= lags[1] < 1.0
+
+
+def test_a_drained_partition_leaves_no_wait_behind():
+    """After a release past the wait bound that empties the partition exactly at the batch
+    bound, the next take waits for records instead of waking up again and again."""
+    async def run():
+        c = _Ends({TP("collateral", 0): 5, TP("trades", 0): 2})
+        feed = Feed(["collateral", "trades"], align=True, align_max_wait_ms=30)
+        calls = []
+        release = feed._release
+        feed._release = lambda *a: calls.append(1) or release(*a)
+        feed.put(0, _timed("trades", 0, 0, [10, 20]), c)
+        _, batch = await feed.take(2)
+        n = len(calls)
+        with __import__("pytest").raises(asyncio.TimeoutError):
+            await asyncio.wait_for(feed.take(2), 0.2)
+        return batch, len(calls) - n
+    batch, more_calls = asyncio.run(run())
+    assert [r.offset for r in batch] == [0, 1]
+    assert more_calls <= 2
+
+
+def test_a_log_emptied_by_retention_counts_as_read_where_the_reset_put_the_consumer():
+    """Nothing committed and nothing received, but the consumer's position (after its reset
+    to the earliest offset) is already the end: trades do not wait for that partition."""
+    async def run():
+        c = _Ends({TP("collateral", 0): 500, TP("trades", 0): 1})
+        state = SimpleNamespace(position=500, has_valid_position=True)
+        assignment = SimpleNamespace(state_value=lambda tp: state)
+        c._thread = SimpleNamespace(_consumer=SimpleNamespace(_subscription=SimpleNamespace(
+            subscription=SimpleNamespace(assignment=assignment))))
+        feed = Feed(["collateral", "trades"], align=True, align_max_wait_ms=5000)
+        feed.put(0, _timed("trades", 0, 0, [10]), c)
+        return await asyncio.wait_for(feed.take(10), 1)
+    _, batch = asyncio.run(run())
+    assert _offsets(batch) == [("trades", 0, 0)]
