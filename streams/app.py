@@ -46,6 +46,12 @@ from .settings import Settings
 log = logging.getLogger(__name__)
 
 
+# how long, and how many, quotes of an instrument not listed yet are held for its Instrument
+# record (on another topic, possibly fetched later) before they are dead-lettered
+QUOTE_HOLD_S = 5.0
+QUOTE_HOLD_MAX = 10_000
+
+
 class Histogram:
     """A Prometheus histogram (cumulative buckets, text exposition) without global state."""
 
@@ -137,6 +143,9 @@ class Pipeline:
         if sink is not None:
             sink.on_batch = self.sink_latency.observe
         self._applied: dict = {}   # broadcast TopicPartition -> next offset to apply
+        # quotes of instruments not listed yet, by instrument: (held since, tp, message,
+        # record), applied once the Instrument record comes (see apply_broadcast)
+        self._held_quotes: dict[str, list] = {}
         self.app = self._build()
 
     # -- app ----------------------------------------------------------------------------------
@@ -209,11 +218,12 @@ class Pipeline:
                 t0 = time.perf_counter()
                 self.timings["wait"] += t0 - t_end
                 try:
+                    decoded = await self.decode_and_catch_up(batch)
                     async with self.work_lock:
                         if self.stopping:
                             return
                         if epoch == self.feed.epoch:  # else revoked meanwhile: re-read later
-                            finish = await self.start_account_batch(batch, epoch)
+                            finish = await self.start_account_batch(batch, epoch, decoded)
                             await self.acknowledge_later(finish)
                 except Exception as exc:  # noqa: BLE001
                     # never let Faust's supervisor restart the agent past a half-done batch:
@@ -477,24 +487,15 @@ class Pipeline:
             await self.app.crash(exc)
             raise
 
-    async def start_account_batch(self, batch, epoch: int | None = None):
-        """Decode, validate and apply one micro-batch of consumer records (anything with
-        topic, partition, offset, key and value) and queue its outputs; returns the coroutine
-        function that awaits their acknowledgement, then acks the batch's offsets (unless
-        ``epoch`` is stale: revoked).
-
-        Why split: awaiting the broker took a third of the account path's time at 10,000
-        events/s (a few ms per batch, the agent idle meanwhile). The agent runs the next batch
-        while the previous one is acknowledged; nothing it emits depends on that wait, margin
-        events still wait for their account records (``emit``), and a batch's offsets are
-        still acked only once its outputs (and everything queued before) are acknowledged."""
-        await self.sync()
-        t0 = time.perf_counter()
+    def decode_batch(self, batch) -> tuple[list, list[Rejected], bool]:
+        """Decode and validate one micro-batch of consumer records (anything with topic,
+        partition, offset, key and value): ``(decoded, rejected, unknown)``, ``unknown`` when
+        a trade names an instrument not listed yet. Reads the processor's universe only."""
         decoded = []
         rejected: list[Rejected] = []
         trades = self.s.topic("trades")
         known = self.processor.universe.__contains__
-        unknown = False  # a trade in an instrument not (yet) listed
+        unknown = False
         for m in batch:
             try:
                 name, rec = self.codec.decode(m.value, millis=True)  # ts: epoch ms
@@ -511,11 +512,39 @@ class Pipeline:
             decoded.append((name, rec, m.topic, m.partition, m.offset))
             if name == "Trade" and not known(rec["instrument"]):
                 unknown = True
-        if unknown:
+        return decoded, rejected, unknown
+
+    async def decode_and_catch_up(self, batch) -> tuple[list, list[Rejected], bool]:
+        """:meth:`decode_batch`, then, if a trade names an unlisted instrument, wait for the
+        broadcast reader to apply the reference data published so far.
+
+        Never under the work lock: the reader may itself be waiting for that lock (in a market
+        tick), so a batch waiting for it under the lock stalled until the wait timed out
+        (10 s), and its trades were then rejected as in an unlisted instrument."""
+        t0 = time.perf_counter()
+        decoded = self.decode_batch(batch)
+        self.timings["decode"] += time.perf_counter() - t0
+        if decoded[2]:
             await self.catch_up_reference()
+        return decoded
+
+    async def start_account_batch(self, batch, epoch: int | None = None, decoded=None):
+        """Apply one micro-batch of consumer records (decoded by :meth:`decode_and_catch_up`,
+        or here if ``decoded`` is None) and queue its outputs; returns the coroutine function
+        that awaits their acknowledgement, then acks the batch's offsets (unless ``epoch`` is
+        stale: revoked).
+
+        Why split: awaiting the broker took a third of the account path's time at 10,000
+        events/s (a few ms per batch, the agent idle meanwhile). The agent runs the next batch
+        while the previous one is acknowledged; nothing it emits depends on that wait, margin
+        events still wait for their account records (``emit``), and a batch's offsets are
+        still acked only once its outputs (and everything queued before) are acknowledged."""
+        await self.sync()
+        if decoded is None:
+            decoded = await self.decode_and_catch_up(batch)
+        decoded, rejected, _ = decoded
         t1 = time.perf_counter()
         out = self.processor.apply_account_events(decoded)
-        self.timings["decode"] += t1 - t0
         self.timings["apply"] += time.perf_counter() - t1
         out.rejected = rejected + out.rejected
         messages = {(m.topic, m.partition, m.offset): m
@@ -778,27 +807,52 @@ class Pipeline:
         rejected = []
         affected: set[str] = set()
         owned = self.owned_partitions()
-        for tp, msgs in got.items():
+
+        def reject(tp, m, e) -> None:
+            # every worker reads broadcast topics; the owner of the matching partition number
+            # reports the dead letter so it is recorded once
+            if (m.partition % self.s.partitions) in owned:
+                rejected.append((Rejected(tp.topic, m.partition, m.offset, type(e).__name__,
+                                          str(e)), m))
+
+        def apply(tp, m, kind, rec) -> None:
+            try:
+                if kind == "Quote":
+                    proc.apply_quote(rec)
+                elif kind == "Instrument":
+                    proc.apply_instrument(rec)
+                else:
+                    affected.update(proc.apply_risk_params(rec))
+            except E.EngineError as e:
+                reject(tp, m, e)
+
+        # reference data first, then quotes: an exchange lists an instrument and quotes it at
+        # once, and the two topics' records may come in one fetch in either order
+        order = {"Instrument": 0, "RiskParams": 1, "Quote": 2}
+        released = False
+        for tp, msgs in sorted(got.items(), key=lambda kv: order[topics[kv[0].topic]]):
             kind = topics[tp.topic]
+            if kind == "Quote" and not released:
+                released = True
+                self._release_held_quotes(apply)
             if msgs:
                 self._applied[tp] = msgs[-1].offset + 1
                 self.events_by_topic[tp.topic] = self.events_by_topic.get(tp.topic, 0) + \
                     len(msgs)
             for m in msgs:
                 try:
-                    name, rec = self.codec.decode(m.value, expect=kind)
-                    if kind == "Quote":
-                        proc.apply_quote(rec)
-                    elif kind == "Instrument":
-                        proc.apply_instrument(rec)
-                    else:
-                        affected |= set(proc.apply_risk_params(rec))
-                except (SchemaError, E.EngineError) as e:
-                    # every worker reads broadcast topics; the owner of the matching partition
-                    # number reports the dead letter so it is recorded once
-                    if (m.partition % self.s.partitions) in owned:
-                        rejected.append((Rejected(tp.topic, m.partition, m.offset,
-                                                  type(e).__name__, str(e)), m))
+                    _, rec = self.codec.decode(m.value, expect=kind)
+                except SchemaError as e:
+                    reject(tp, m, e)
+                    continue
+                if kind == "Quote" and rec["instrument"] not in proc.universe:
+                    self._held_quotes.setdefault(rec["instrument"], []).append(
+                        (time.monotonic(), tp, m, rec))
+                    continue
+                apply(tp, m, kind, rec)
+        if not released:
+            self._release_held_quotes(apply)
+        self._expire_held_quotes(reject)
         if rejected:
             for r, m in rejected:
                 self._dead_letter(r, m)
@@ -808,6 +862,36 @@ class Pipeline:
                 await self.sync()
                 proc.risk_set()
                 await self.emit(proc.remargin_underlyings(sorted(affected), trigger="PARAMS"))
+
+    def _release_held_quotes(self, apply) -> None:
+        """Apply, in arrival order, the held quotes whose instrument is now listed."""
+        for inst in [i for i in self._held_quotes if i in self.processor.universe]:
+            for _, tp, m, rec in self._held_quotes.pop(inst):
+                apply(tp, m, "Quote", rec)
+
+    def _expire_held_quotes(self, reject) -> None:
+        """Dead-letter quotes held longer than :data:`QUOTE_HOLD_S` (their instrument never
+        came), oldest first, and the oldest beyond :data:`QUOTE_HOLD_MAX` held in all."""
+        held = sorted((t, inst, k) for inst, qs in self._held_quotes.items()
+                      for k, (t, *_) in enumerate(qs))
+        cut = time.monotonic() - QUOTE_HOLD_S
+        drop = {(inst, k) for n, (t, inst, k) in enumerate(held)
+                if t < cut or len(held) - n > QUOTE_HOLD_MAX}
+        if not drop:
+            return
+        for inst in {inst for inst, _ in drop}:
+            keep = []
+            for k, (t, tp, m, rec) in enumerate(self._held_quotes[inst]):
+                if (inst, k) in drop:
+                    reject(tp, m, E.UnknownInstrument(
+                        f"unknown instrument {inst!r}: no Instrument record within "
+                        f"{QUOTE_HOLD_S:g} s of the quote"))
+                else:
+                    keep.append((t, tp, m, rec))
+            if keep:
+                self._held_quotes[inst] = keep
+            else:
+                del self._held_quotes[inst]
 
     async def market_tick(self) -> None:
         """Re-margin the holders of the moved underlyings with the event loop free for account
