@@ -311,9 +311,7 @@ class AccountBook:
                scenario_pnl: bool = False) -> MarginResult:
         if rows is None:
             rows = np.arange(len(self.ids), dtype=np.int64)
-        if rs.value.shape[0] < len(self.universe):
-            raise InvalidParameter("risk set is older than the instrument universe; recompute "
-                                   "it after adding instruments")
+        self._check_risk_set(rs)
         start = self.start
         if rows.shape[0] == 1:
             end = start[rows] + self.count[rows]
@@ -323,12 +321,15 @@ class AccountBook:
         return run_margin(rows, start, start + self.count, self.inst, self.qty, self.cost,
                           self.universe.arrays, rs, parallel=parallel, scenario_pnl=scenario_pnl)
 
-    def margin_job(self, rs: RiskSet, rows: np.ndarray) -> "MarginJob":
-        """Margin of ``rows`` to compute on another thread while this book keeps changing
-        (see :class:`MarginJob`). Call on the thread that writes the book."""
+    def _check_risk_set(self, rs: RiskSet) -> None:
         if rs.value.shape[0] < len(self.universe):
             raise InvalidParameter("risk set is older than the instrument universe; recompute "
                                    "it after adding instruments")
+
+    def margin_job(self, rs: RiskSet, rows: np.ndarray) -> "MarginJob":
+        """Margin of ``rows`` to compute on another thread while this book keeps changing
+        (see :class:`MarginJob`). Call on the thread that writes the book."""
+        self._check_risk_set(rs)
         rows = np.ascontiguousarray(rows, dtype=np.int64)
         return MarginJob(rows, self.version[rows], self._start.copy(),
                          self._start + self.count, self.inst, self.qty, self.cost,

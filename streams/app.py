@@ -871,27 +871,23 @@ class Pipeline:
 
     def _expire_held_quotes(self, reject) -> None:
         """Dead-letter quotes held longer than :data:`QUOTE_HOLD_S` (their instrument never
-        came), oldest first, and the oldest beyond :data:`QUOTE_HOLD_MAX` held in all."""
-        held = sorted((t, inst, k) for inst, qs in self._held_quotes.items()
-                      for k, (t, *_) in enumerate(qs))
+        came), then the oldest beyond :data:`QUOTE_HOLD_MAX` held in all. Each instrument's
+        quotes are held in arrival order, so its oldest are at the front."""
+        held = self._held_quotes
+
+        def drop(inst) -> None:
+            _, tp, m, _ = held[inst].pop(0)
+            if not held[inst]:
+                del held[inst]
+            reject(tp, m, E.UnknownInstrument(f"unknown instrument {inst!r}: no Instrument "
+                                              f"record within {QUOTE_HOLD_S:g} s of the quote"))
         cut = time.monotonic() - QUOTE_HOLD_S
-        drop = {(inst, k) for n, (t, inst, k) in enumerate(held)
-                if t < cut or len(held) - n > QUOTE_HOLD_MAX}
-        if not drop:
-            return
-        for inst in {inst for inst, _ in drop}:
-            keep = []
-            for k, (t, tp, m, rec) in enumerate(self._held_quotes[inst]):
-                if (inst, k) in drop:
-                    reject(tp, m, E.UnknownInstrument(
-                        f"unknown instrument {inst!r}: no Instrument record within "
-                        f"{QUOTE_HOLD_S:g} s of the quote"))
-                else:
-                    keep.append((t, tp, m, rec))
-            if keep:
-                self._held_quotes[inst] = keep
-            else:
-                del self._held_quotes[inst]
+        for inst in list(held):
+            while inst in held and held[inst][0][0] < cut:
+                drop(inst)
+        excess = sum(map(len, held.values())) - QUOTE_HOLD_MAX
+        for _ in range(max(0, excess)):
+            drop(min(held, key=lambda i: held[i][0][0]))
 
     async def market_tick(self) -> None:
         """Re-margin the holders of the moved underlyings with the event loop free for account
