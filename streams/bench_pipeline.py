@@ -412,9 +412,12 @@ def _measure_latency(settings, pub, port, rate, seconds, n_accounts, instruments
             if kind != 2:  # 2: log append time (set above); anything else would be a bug
                 raise RuntimeError(f"{m.topic()} records carry no log append time")
             if m.topic() == topics[0]:
-                if not m.value().startswith(b'{"risk_snapshots"'):
-                    continue  # exposure and stress rows: not parsed (the generator's CPU)
-                cols = orjson.loads(m.value()).get("risk_snapshots")
+                v = m.value()
+                if not v.startswith(b'{"risk_snapshots"') or (
+                        b'"TRADE"' not in v and b'"COLLATERAL"' not in v):
+                    continue  # exposure and stress rows, and a market tick's snapshots (all
+                    # QUOTE): not parsed, as they hold no sample (the generator's CPU)
+                cols = orjson.loads(v).get("risk_snapshots")
                 if cols:
                     for trig, ts, a in zip(cols["trigger"], cols["ts"], cols["account"]):
                         if trig in ("TRADE", "COLLATERAL") and ts >= since_ms:
