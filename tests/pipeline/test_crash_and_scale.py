@@ -75,6 +75,15 @@ def _check(settings, events_expected, proc, state, want):
     got = reader.wait(lambda r: len({e["event_id"] for e in r}) >= len(events_expected), 60)
     reader.poll(1.0)
     reader.close()
+    # per account, new ids reach the topic in sequence order (the reader returns each
+    # partition in offset order, and an account's events share its partition)
+    last_new: dict[str, int] = {}
+    seen: set[str] = set()
+    for e in got:
+        if e["event_id"] not in seen:
+            seen.add(e["event_id"])
+            assert e["seq"] > last_new.get(e["account"], 0), e["event_id"]
+            last_new[e["account"]] = e["seq"]
     by_id = {}
     for e in got:
         if e["event_id"] in by_id:  # a re-emission after a crash must be identical
