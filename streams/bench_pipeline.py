@@ -139,11 +139,11 @@ def _metric(port, name):
     return None
 
 
-def _inputs(port):
+def _inputs(port, lines=None):
     """Input events the worker has applied, every topic (trades and collateral once their
     outputs are acknowledged, quotes and reference data once applied); None while it is not
-    answering."""
-    lines = _scrape(port)
+    answering. ``lines``: a scrape already made."""
+    lines = _scrape(port) if lines is None else lines
     if not lines:
         return None
     per_topic = [float(line.split()[-1]) for line in lines
@@ -189,6 +189,44 @@ def _sink_rows(port) -> float:
     """Rows the worker's sink has stored so far, all tables."""
     return sum(float(line.split()[1]) for line in _scrape(port)
                if line.startswith("riskpipe_sink_rows_total{"))
+
+
+def _stages(lines) -> dict[str, float]:
+    """The worker's seconds per stage (``riskpipe_stage_seconds_total``) in a scrape."""
+    return {line.split('"')[1]: float(line.split()[-1]) for line in lines
+            if line.startswith("riskpipe_stage_seconds_total{")}
+
+
+def _thread_times(pid) -> dict[int, tuple[str, float, float]]:
+    """Per thread of ``pid``: (name, seconds on a CPU, seconds waiting for one), from the
+    kernel's scheduler statistics."""
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            run_ns, wait_ns = (task / "schedstat").read_text().split()[:2]
+            out[int(task.name)] = ((task / "comm").read_text().strip(), int(run_ns) / 1e9,
+                                   int(wait_ns) / 1e9)
+        except (OSError, ValueError):  # a thread that ended meanwhile
+            continue
+    return out
+
+
+def _time_breakdown(pid, first, last) -> dict:
+    """Where the worker's time went between two (time, scrape, thread times) snapshots: the
+    event loop's thread (the process's main thread: every agent, the account path) on a CPU
+    and waiting for one, the other threads (Kafka clients, the tick's kernel) on a CPU, and
+    the worker's own stage timers. Why in the bench: it tells a worker short of CPU from one
+    waiting for its input or the broker."""
+    (t0, lines0, th0), (t1, lines1, th1) = first, last
+    window = max(t1 - t0, 1e-9)
+    main0, main1 = th0.get(pid, ("", 0.0, 0.0)), th1.get(pid, ("", 0.0, 0.0))
+    others = sum(v[1] - th0.get(t, (None, 0.0, 0.0))[1] for t, v in th1.items() if t != pid)
+    st0, st1 = _stages(lines0), _stages(lines1)
+    return {"window_s": round(window, 3),
+            "event_loop_thread_on_cpu_s": round(main1[1] - main0[1], 3),
+            "event_loop_thread_waiting_for_cpu_s": round(main1[2] - main0[2], 3),
+            "other_threads_on_cpu_s": round(others, 3),
+            "stage_seconds": {k: round(v - st0.get(k, 0.0), 3) for k, v in st1.items()}}
 
 
 def _rss_kb(pid) -> int:
@@ -239,13 +277,21 @@ def _throughput(settings, name, port, warmup, load, naive=False, timeout=600, ex
         seen = base
         rss = 0
         target = base + len(load)
+        snap_first = snap_last = None  # (time, scrape, thread times): see _time_breakdown
         while time.time() < deadline:
-            v = count()
+            if p.poll() is not None:
+                raise RuntimeError(f"{name} exited; see {settings.data_dir / (name + '.log')}")
+            lines = _scrape(port)
+            v = _inputs(port, lines) if lines else None
             now = time.perf_counter()
             if v is not None and v > base and t_first is None:
                 t_first, first = now, v
+                if not naive:
+                    snap_first = (now, lines, _thread_times(p.pid))
             if v is not None and v > seen:
                 seen, t_last = v, now
+                if not naive:
+                    snap_last = (now, lines, _thread_times(p.pid))
             if v is not None and v >= target:
                 break
             rss = max(rss, _rss_kb(p.pid))
@@ -255,6 +301,8 @@ def _throughput(settings, name, port, warmup, load, naive=False, timeout=600, ex
         out = {"events": int(seen - base), "seconds": round(t_last - t_first, 3),
                "events_per_s": round((seen - first) / (t_last - t_first), 1),
                "rss_mb": round(rss / 1024, 1)}
+        if snap_first is not None and snap_last is not None:
+            out["time_breakdown"] = _time_breakdown(p.pid, snap_first, snap_last)
         if not naive:  # the same window, closed when the sink has stored the load's rows
             t_sink, rows = t_last, _sink_rows(sink_port)
             while time.time() < deadline and time.perf_counter() - t_sink < 2.0:

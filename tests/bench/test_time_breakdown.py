@@ -1,0 +1,40 @@
+"""The benchmark's time breakdown: thread times read from the kernel, differences taken over the
+window between two snapshots."""
+import os
+import time
+
+from streams.bench_pipeline import _thread_times, _time_breakdown
+
+
+def _spin(seconds: float) -> None:
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+def test_thread_times_reads_the_main_threads_cpu_and_wait():
+    pid = os.getpid()
+    before = _thread_times(pid)
+    _spin(0.2)
+    after = _thread_times(pid)
+    assert pid in before and pid in after  # the main thread's id is the process id
+    name, run, wait = after[pid]
+    assert run - before[pid][1] >= 0.1  # it spun 0.2 s (a busy CI machine may lend it less)
+    assert wait >= before[pid][2] >= 0.0
+
+
+def test_breakdown_is_the_difference_between_snapshots():
+    pid = 100
+    lines0 = ['riskpipe_stage_seconds_total{stage="process"} 1.5',
+              'riskpipe_stage_seconds_total{stage="backpressure"} 0.25']
+    lines1 = ['riskpipe_stage_seconds_total{stage="process"} 4.0',
+              'riskpipe_stage_seconds_total{stage="backpressure"} 0.75',
+              'riskpipe_stage_seconds_total{stage="wait"} 0.5']  # first seen in the window
+    th0 = {100: ("python", 10.0, 1.0), 101: ("rdk:broker1", 2.0, 0.5)}
+    th1 = {100: ("python", 12.5, 1.25), 101: ("rdk:broker1", 2.5, 0.75),
+           102: ("tick_0", 0.25, 0.0)}  # a thread started in the window counts from zero
+    out = _time_breakdown(pid, (1.0, lines0, th0), (4.0, lines1, th1))
+    assert out == {"window_s": 3.0, "event_loop_thread_on_cpu_s": 2.5,
+                   "event_loop_thread_waiting_for_cpu_s": 0.25,
+                   "other_threads_on_cpu_s": 0.75,
+                   "stage_seconds": {"process": 2.5, "backpressure": 0.5, "wait": 0.5}}
