@@ -229,6 +229,29 @@ def _time_breakdown(pid, first, last) -> dict:
             "stage_seconds": {k: round(v - st0.get(k, 0.0), 3) for k, v in st1.items()}}
 
 
+def _ports_free(*ports) -> None:
+    """Fail before measuring if a web port the bench's processes use is taken: a worker left
+    from another run would answer their metrics (a bench once ran without its sink process,
+    which could not bind its port, while a stale one answered for it)."""
+    import socket
+    for port in ports:
+        with socket.socket() as sock:
+            # as the workers' web servers bind: connections of earlier runs in TIME_WAIT do not
+            # count, a listener does
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                raise RuntimeError(f"port {port} is in use (a worker left from another run?); "
+                                   "stop that process first") from None
+
+
+def _alive(proc, log) -> None:
+    """Fail if a process the measurement depends on has exited."""
+    if proc is not None and proc.poll() is not None:
+        raise RuntimeError(f"process exited during the bench (code {proc.returncode}); see {log}")
+
+
 def _rss_kb(pid) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -761,6 +784,7 @@ def run(events=200_000, accounts=20_000, latency_rate=10_000, latency_seconds=10
                                      "in the worker's process (--role all)")}}
     margin = {"RISKPIPE_ROLE": "margin"} if sink_process else None
     sink = None
+    _ports_free(16066, 16067, 16068)
     try:
         create_topics(s)
         ins = _instruments()
@@ -780,6 +804,7 @@ def run(events=200_000, accounts=20_000, latency_rate=10_000, latency_seconds=10
         result["in_process_account_path"] = in_process(ins, quotes, warmup, load)
         result["riskpipe_worker"] = _throughput(s, "worker", 16066, warmup, load, extra=margin,
                                                 sink_port=16068 if sink_process else None)
+        _alive(sink, data / "sink.log")
         nb = baseline_events or min(events, 30_000)
         s2 = Settings(kafka_bootstrap=s.kafka_bootstrap, topic_prefix=f"benchnaive{run_id}.",
                       app_id=f"bench-naive-{run_id}", data_dir=data)
@@ -807,6 +832,8 @@ def run(events=200_000, accounts=20_000, latency_rate=10_000, latency_seconds=10
             result["latency_below_saturation"] = _latency(
                 s, 16066, max(1, latency_rate // 5), latency_seconds, accounts, ins, quotes,
                 quote_share)
+            _alive(p, data / "worker.log")
+            _alive(sink, data / "sink.log")
         finally:
             p.terminate()
             p.wait(60)
