@@ -283,10 +283,10 @@ def _throughput(settings, name, port, warmup, load, naive=False, timeout=600, ex
     p = _start_worker(settings, name, port, naive=naive, extra=extra)
     sink_port = sink_port or port
     try:
-        def count():
+        def count(lines=None):
             if p.poll() is not None:
                 raise RuntimeError(f"{name} exited; see {settings.data_dir / (name + '.log')}")
-            return _inputs(port)
+            return _inputs(port, lines)
         deadline = time.time() + timeout
         while time.time() < deadline and count() is None:
             time.sleep(0.2)
@@ -302,10 +302,8 @@ def _throughput(settings, name, port, warmup, load, naive=False, timeout=600, ex
         target = base + len(load)
         snap_first = snap_last = None  # (time, scrape, thread times): see _time_breakdown
         while time.time() < deadline:
-            if p.poll() is not None:
-                raise RuntimeError(f"{name} exited; see {settings.data_dir / (name + '.log')}")
             lines = _scrape(port)
-            v = _inputs(port, lines) if lines else None
+            v = count(lines)
             now = time.perf_counter()
             if v is not None and v > base and t_first is None:
                 t_first, first = now, v
