@@ -51,6 +51,9 @@ log = logging.getLogger(__name__)
 QUOTE_HOLD_S = 5.0
 QUOTE_HOLD_MAX = 10_000
 
+# bounds (s) of the latency histograms: end to end, and the part before the worker has its input
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
 
 class Histogram:
     """A Prometheus histogram (cumulative buckets, text exposition) without global state."""
@@ -117,13 +120,13 @@ class Pipeline:
         gc.callbacks.append(self._gc_callback)
         self.latency = Histogram("riskpipe_event_to_output_seconds",
                                  "event time of an input record to its outputs acknowledged",
-                                 (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+                                 LATENCY_BUCKETS)
         # the part of that before the worker: a fetch's oldest record, from its Kafka timestamp
         # (the producer's, or the broker's append time) to its arrival in the accounts feed
         self.fetch_lag = Histogram("riskpipe_input_fetch_lag_seconds",
                                    "Kafka timestamp of the oldest record of each partition's "
                                    "fetch to its arrival at the accounts agent",
-                                   (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+                                   LATENCY_BUCKETS)
         self.sink_latency = Histogram("riskpipe_sink_batch_seconds",
                                       "ClickHouse insert time per batch",
                                       (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5))
@@ -531,11 +534,11 @@ class Pipeline:
             await self.catch_up_reference()
         return decoded
 
-    async def start_account_batch(self, batch, epoch: int | None = None, decoded=None):
-        """Apply one micro-batch of consumer records (decoded by :meth:`decode_and_catch_up`,
-        or here if ``decoded`` is None) and queue its outputs; returns the coroutine function
-        that awaits their acknowledgement, then acks the batch's offsets (unless ``epoch`` is
-        stale: revoked).
+    async def start_account_batch(self, batch, epoch: int | None, decoded):
+        """Apply one micro-batch of consumer records (``decoded``: what
+        :meth:`decode_and_catch_up` made of them) and queue its outputs; returns the coroutine
+        function that awaits their acknowledgement, then acks the batch's offsets (unless
+        ``epoch`` is stale: revoked).
 
         Why split: awaiting the broker took a third of the account path's time at 10,000
         events/s (a few ms per batch, the agent idle meanwhile). The agent runs the next batch
@@ -543,8 +546,6 @@ class Pipeline:
         events still wait for their account records (``emit``), and a batch's offsets are
         still acked only once its outputs (and everything queued before) are acknowledged."""
         await self.sync()
-        if decoded is None:
-            decoded = await self.decode_and_catch_up(batch)
         decoded, rejected, _ = decoded
         t1 = time.perf_counter()
         out = self.processor.apply_account_events(decoded)
