@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 import struct
 from datetime import datetime, timezone
 from functools import lru_cache
@@ -23,6 +24,7 @@ from fastavro.schema import to_parsing_canonical_form
 
 from .errors import (CorruptPayload, MissingField, OutOfDomain, UnknownFingerprint,
                      WrongRecordType)
+from .fastread import compile_reader
 
 HERE = Path(__file__).resolve().parent
 RECORDS = ("Trade", "Quote", "CollateralChange", "Instrument", "RiskParams", "MarginEvent",
@@ -129,6 +131,7 @@ def _nonempty(rec, name, field):
 
 
 _INF = float("inf")
+_OBJECT_REPR = re.compile(r" (?:from|in) <[\w.]+ object at 0x[0-9a-fA-F]+>")
 
 
 def _plausible(name: str, rec: dict) -> bool:
@@ -211,6 +214,9 @@ class Codec:
         self._writers: dict[bytes, tuple[str, dict]] = {fp: (n, self.current[n])
                                                         for n, fp in self._fp.items()}
         self._writers_millis = {fp: (n, self.current_millis[n]) for n, fp in self._fp.items()}
+        # straight-line readers of current-version records, timestamps as millis (the
+        # worker's per-event path); None where the schema is not covered (see fastread)
+        self._fast = {fp: compile_reader(self.current_millis[n]) for n, fp in self._fp.items()}
         hist = HERE / "history"
         if hist.is_dir():
             for vdir in sorted(p.name for p in hist.iterdir() if p.is_dir()):
@@ -262,8 +268,19 @@ class Codec:
                                      value=fp.hex()) from None
         if expect is not None and name != expect:
             raise WrongRecordType(f"expected {expect}, got {name}", record=name)
-        rec = self._read(name, writer, data[10:],
-                         (self.current_millis if millis else self.current)[name])
+        rec = None
+        fast = self._fast.get(fp) if millis else None
+        if fast is not None:
+            try:
+                rec, end = fast(data, 10)
+            except Exception:  # noqa: BLE001 - fastavro below re-reads it and names the error
+                rec = None
+            else:
+                if end != len(data):
+                    rec = None
+        if rec is None:
+            rec = self._read(name, writer, data[10:],
+                             (self.current_millis if millis else self.current)[name])
         if self.validate_domain:
             validate(name, rec)
         return name, rec
@@ -275,8 +292,11 @@ class Codec:
             # comparison of the two schemas per record)
             rec = fastavro.schemaless_reader(bio, writer, None if writer is reader else reader)
         except Exception as e:  # fastavro raises EOFError, ValueError, UnicodeDecodeError...
-            raise CorruptPayload(f"{name}: body does not decode ({type(e).__name__}: {e})",
-                                 record=name) from None
+            # its messages may name the buffer object ("from <_io.BytesIO object at 0x...>"):
+            # dropped, so a replay dead-letters the record with the same reason
+            reason = _OBJECT_REPR.sub("", str(e))
+            raise CorruptPayload(f"{name}: body does not decode ({type(e).__name__}: "
+                                 f"{reason})", record=name) from None
         if bio.tell() != len(body):
             raise CorruptPayload(f"{name}: {len(body) - bio.tell()} trailing bytes after the "
                                  "record", record=name)
