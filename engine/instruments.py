@@ -148,6 +148,11 @@ class Universe:
             raise UnknownInstrument(f"unknown instrument {instrument_id!r}", field="instrument",
                                     value=instrument_id, instrument=instrument_id) from None
 
+    def find(self, instrument_id: str, default: int = -1) -> int:
+        """Row of an instrument, or ``default`` (no exception: for batch paths that set the
+        unknown ones aside)."""
+        return self._index.get(instrument_id, default)
+
     def __contains__(self, instrument_id: str) -> bool:
         return instrument_id in self._index
 

@@ -294,23 +294,41 @@ class RiskProcessor:
         ts_ms: list[int] = []      # account)
         sources: dict[str, list[dict]] = {}
         offsets, partitions, book = self.offsets, self.partition, self.book
-        for name, rec, topic, partition, offset in events:
-            acct = rec["account"]
+        # replays set aside first; the round's fills then go to the book in one call (its
+        # accounts are distinct, so the order of trades and collateral changes between
+        # accounts does not matter), and outcomes are taken in input order
+        todo = []
+        fills = []
+        for ev in events:
+            acct = ev[1]["account"]
             seen = offsets.get(acct)
             if seen is None:
                 seen = offsets[acct] = {}
-            elif offset <= seen.get(topic, -1):
+            elif ev[4] <= seen.get(ev[2], -1):
                 continue  # replay of an already applied record
-            try:
-                if name == "Trade":
-                    book.apply_trade(acct, rec["instrument"], rec["quantity"], rec["price"],
-                                     rec.get("fee") or 0.0)
-                    trigger = "TRADE"
-                else:
+            if ev[0] == "Trade":
+                rec = ev[1]
+                fills.append((acct, rec["instrument"], rec["quantity"], rec["price"],
+                              rec.get("fee") or 0.0))
+            todo.append((ev, seen))
+        failed = dict(book.apply_trades(fills))
+        f = 0
+        for (name, rec, topic, partition, offset), seen in todo:
+            acct = rec["account"]
+            if name == "Trade":
+                err = failed.get(f)
+                f += 1
+                trigger = "TRADE"
+            else:
+                try:
                     book.apply_collateral(acct, rec["asset"], rec["amount"])
-                    trigger = "COLLATERAL"
-            except E.EngineError as e:
-                out.rejected.append(Rejected(topic, partition, offset, type(e).__name__, str(e)))
+                    err = None
+                except E.EngineError as e:
+                    err = e
+                trigger = "COLLATERAL"
+            if err is not None:
+                out.rejected.append(Rejected(topic, partition, offset, type(err).__name__,
+                                             str(err)))
                 seen[topic] = offset
                 partitions.setdefault(acct, partition)
                 touched.add(acct)
