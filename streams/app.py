@@ -32,6 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 
 import faust
+import numpy as np
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
@@ -61,6 +62,7 @@ class Histogram:
     def __init__(self, name: str, help_: str, buckets):
         self.name, self.help = name, help_
         self.buckets = list(buckets)
+        self._edges = np.asarray(self.buckets, dtype=np.float64)
         self.counts = [0] * (len(self.buckets) + 1)
         self.sum = 0.0
         self.n = 0
@@ -69,6 +71,17 @@ class Histogram:
         self.counts[bisect.bisect_left(self.buckets, v)] += 1
         self.sum += v
         self.n += 1
+
+    def observe_many(self, values: np.ndarray) -> None:
+        """:meth:`observe` of each value (the same buckets: ``searchsorted`` on the left is
+        ``bisect_left``), in numpy: the account path observes every input event."""
+        if values.size == 0:
+            return
+        idx = np.searchsorted(self._edges, values, side="left")
+        for k, c in enumerate(np.bincount(idx, minlength=len(self.counts)).tolist()):
+            self.counts[k] += c
+        self.sum += float(values.sum())
+        self.n += int(values.size)
 
     def text(self) -> list[str]:
         out = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} histogram"]
@@ -563,10 +576,12 @@ class Pipeline:
             self.metrics["events_in"] += len(batch)
             self.metrics["batches"] += 1
             now_ms = time.time() * 1000
-            observe = self.latency.observe
-            for _, rec, topic, _, _ in decoded:
-                self.events_by_topic[topic] = self.events_by_topic.get(topic, 0) + 1
-                observe(max(0.0, now_ms - rec["ts"]) / 1000)
+            by_topic = self.events_by_topic
+            for topic, n in collections.Counter([d[2] for d in decoded]).items():
+                by_topic[topic] = by_topic.get(topic, 0) + n
+            ts = np.fromiter([d[1]["ts"] for d in decoded], dtype=np.float64,
+                             count=len(decoded))
+            self.latency.observe_many(np.maximum(0.0, now_ms - ts) / 1000)
         return finish
 
     async def emit(self, out: Output, messages=None, resend_only: bool = False) -> None:
