@@ -160,9 +160,9 @@ class AccountBook:
                                   value=cost, instrument=instrument)
 
     def _slot(self, r: int, i: int) -> int:
-        """Slot of instrument ``i`` in row ``r``, or -1: a scan of the row's few slots (an
-        index per row, a dict each, cost ~200 bytes an account and had to be rebuilt after
-        every batch of fills)."""
+        """Slot of instrument ``i`` in row ``r``, or -1: a scan of the row's few slots, as the
+        batch kernel does (an index kept per row, a dict each, cost ~200 bytes an account and
+        would have to follow every write the kernel makes)."""
         base = self._v_start[r]
         try:
             return base + self._v_inst[base:base + self._v_count[r]].tolist().index(i)
