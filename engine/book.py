@@ -320,11 +320,21 @@ class AccountBook:
     # -- margin ---------------------------------------------------------------------------
     def rows_holding(self, underlying: str) -> np.ndarray:
         """Rows of accounts with any position or balance in ``underlying``."""
-        u = self.universe.underlying_index(underlying)
+        return self.rows_holding_any([underlying])
+
+    def rows_holding_any(self, underlyings) -> np.ndarray:
+        """Rows of accounts with any position or balance in any of ``underlyings`` (sorted,
+        each once), in one pass over the book: a market tick where both BTC and ETH moved
+        took ~5.5 ms under the work lock for a pass per underlying and ``np.unique`` of their
+        rows (20,000 accounts of 15 positions), ten times a second."""
+        mask = np.zeros(len(self.universe.underlyings), dtype=np.bool_)
+        for u in underlyings:
+            mask[self.universe.underlying_index(u)] = True
         n = len(self.ids)
         if n == 0:
             return np.zeros(0, dtype=np.int64)
-        return _rows_holding(self.universe.arrays.und, u, self._start, self.count, self.inst, n)
+        return _rows_holding(self.universe.arrays.und, mask, self._start, self.count, self.inst,
+                             n)
 
     def margin(self, rs: RiskSet, rows=None, parallel: bool | None = None,
                scenario_pnl: bool = False) -> MarginResult:
@@ -403,14 +413,16 @@ class MarginJob:
 
 
 @nb.njit(cache=True)
-def _rows_holding(und, u, start, count, inst, n):
-    """Rows among the first ``n`` with a slot whose instrument belongs to underlying ``u``."""
+def _rows_holding(und, mask, start, count, inst, n):
+    """Rows among the first ``n`` with a slot whose instrument belongs to an underlying ``u``
+    with ``mask[u]``."""
     out = np.empty(n, dtype=np.int64)
     m = 0
     for r in range(n):
         s = start[r]
         for j in range(s, s + count[r]):
-            if und[inst[j]] == u:
+            u = und[inst[j]]
+            if u >= 0 and mask[u]:
                 out[m] = r
                 m += 1
                 break

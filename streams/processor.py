@@ -357,12 +357,10 @@ class RiskProcessor:
         none = np.zeros(0, dtype=np.int64)
         if not underlyings or len(self.book) == 0:
             return none, 0
-        held = [self.book.rows_holding(u) for u in underlyings
-                if u in self.universe.underlyings]
+        held = [u for u in underlyings if u in self.universe.underlyings]
         if not held:
             return none, 0
-        # one underlying (the usual tick): already sorted and unique
-        rows = held[0] if len(held) == 1 else np.unique(np.concatenate(held))
+        rows = self.book.rows_holding_any(held)
         t = max([self.quote_ts.get(u, 0) for u in underlyings] + [0]) or \
             int(self.clock() * 1000)
         return rows, t

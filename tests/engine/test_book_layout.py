@@ -58,12 +58,16 @@ def test_random_operations_match_a_dict_model_and_margin_is_layout_independent()
     for f in ("equity", "im", "mm"):
         assert np.array_equal(getattr(got, f), getattr(want, f)), f
 
-    # holders of an underlying: the compiled scan equals a scan of the model
-    for und in ("BTC", "ETH"):
-        expect = [r for r, a in enumerate(book.ids) if any(
-            uni.instruments[uni.row(i)].underlying == und or i == und
+    # holders of an underlying, or of any of several: the compiled scan equals a scan of
+    # the model
+    def holders(unds):
+        return [r for r, a in enumerate(book.ids) if any(
+            uni.instruments[uni.row(i)].underlying in unds or i in unds
             for i in model.get(a, {}))]
-        assert book.rows_holding(und).tolist() == expect, und
+    for und in ("BTC", "ETH"):
+        assert book.rows_holding(und).tolist() == holders({und}), und
+    assert book.rows_holding_any(["ETH", "BTC"]).tolist() == holders({"BTC", "ETH"})
+    assert book.rows_holding_any(["ETH"]).tolist() == holders({"ETH"}) != holders({"BTC"})
 
 
 def test_margin_job_results_hold_for_rows_not_written_meanwhile():
