@@ -637,9 +637,15 @@ def in_process(ins, quotes, warmup, load, n=60_000, batch=2000) -> dict:
     Why: this machine's speed drifts by a third within a day (the naive baseline measured
     1,150-1,710 events/s on one day, same code), so a figure alone says little. This is the
     yardstick taken in the same run, and the ceiling a worker approaches: the worker's rate
-    over this one is the share the Kafka clients and the event loop leave."""
+    over this one is the share the Kafka clients and the event loop leave.
+
+    The kernels are loaded first, as a worker loads them at start: the deposits apply no
+    fill, so on a fresh clone the fill kernel's first compilation fell inside the timed part
+    (25,800-27,300 events/s against 58,000-73,500 with the kernels cached)."""
+    import engine as E
     from schemas import Codec
     from .processor import column_messages
+    E.warm_up()
     codec = Codec()
     proc = _processor(ins, quotes, 1000)
     dumps, opt = orjson.dumps, orjson.OPT_SERIALIZE_NUMPY
