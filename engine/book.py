@@ -505,63 +505,49 @@ def _apply_fills(rows, insts, qtys, prices, fees, kind, inverse, mult, und, spot
                  start, count, capa, tail, version, inst, qty, cost, max_abs, left):
     """The fills of a batch, as :meth:`AccountBook.apply_trade` computes them (same
     operations, same order: bit-identical), except those it leaves to that method: their
-    indices go to ``left`` (in order; returns how many), with every later fill of their rows
-    (rows < 0, accounts not in the book yet, are all left). Every check comes before the
-    first write, so a fill left over is untouched."""
+    indices go to ``left`` (in order; returns how many), with every later fill of their rows.
+    A fill is left when its account is not in the book yet (row < 0), its instrument is
+    unknown, an input or a result is out of its domain, its settlement asset is the
+    instrument itself, or the slots it may add fit neither its row nor a region of twice the
+    size in the arrays' free tail (beyond that the arrays grow, in Python). Every check
+    comes before the first write, so a fill left over is untouched."""
     m = 0
     for e in range(rows.shape[0]):
         r, i = rows[e], insts[e]
-        blocked = r < 0
+        ok = r >= 0 and i >= 0
         for b in range(m):
             if rows[left[b]] == r:
-                blocked = True
+                ok = False
                 break
-        if blocked or not _fits(e, r, i, qtys, prices, fees, kind, inverse, und, spot_row, usd,
-                                start, count, capa, tail, inst, max_abs):
+        if ok:
+            q, price, fee = qtys[e], prices[e], fees[e]
+            ok = _ok(q, max_abs) and q != 0.0 and np.isfinite(price) and price > 0 and \
+                np.isfinite(fee)
+        if ok:
+            k = kind[i]
+            srow = spot_row[und[i]] if (k != 0 and inverse[i]) else usd
+            ok = srow >= 0 and srow != i
+        if ok:
+            base, c = start[r], count[r]
+            j = _slot(inst, base, c, i)
+            js = _slot(inst, base, c, srow)
+            need = c + (j < 0) + (js < 0)
+            ok = need <= capa[r] or (need <= 2 * capa[r] and
+                                     tail[0] + 2 * capa[r] <= inst.shape[0])
+        if ok:
+            Q, C, move = _fill(k == 0 or k == 3 or k == 4, inverse[i], mult[i],
+                               qty[j] if j >= 0 else 0.0, cost[j] if j >= 0 else 0.0, q,
+                               price)
+            b1 = (qty[js] if js >= 0 else 0.0) + move
+            b2 = b1 + (-fee)
+            ok = _ok(Q, max_abs) and np.isfinite(C) and _ok(b1, max_abs) and \
+                (fee == 0.0 or _ok(b2, max_abs))
+        if not ok:
             left[m] = e
             m += 1
             continue
-        q, price, fee = qtys[e], prices[e], fees[e]
-        k = kind[i]
-        srow = spot_row[und[i]] if (k != 0 and inverse[i]) else usd
-        base, c = start[r], count[r]
-        j = _slot(inst, base, c, i)
-        js = _slot(inst, base, c, srow)
-        Q, C, move = _fill(k == 0 or k == 3 or k == 4, inverse[i], mult[i],
-                           qty[j] if j >= 0 else 0.0, cost[j] if j >= 0 else 0.0, q, price)
-        b1 = (qty[js] if js >= 0 else 0.0) + move
-        b2 = b1 + (-fee)
-        if not (_ok(Q, max_abs) and np.isfinite(C) and _ok(b1, max_abs)) or \
-                (fee != 0.0 and not _ok(b2, max_abs)):
-            left[m] = e
-            m += 1
-            continue
-        _put_slot(r, i, Q, C, start, count, capa, tail, version, inst,
-                  qty, cost)
-        _put_slot(r, srow, b1, 0.0, start, count, capa, tail, version, inst,
-                  qty, cost)
+        _put_slot(r, i, Q, C, start, count, capa, tail, version, inst, qty, cost)
+        _put_slot(r, srow, b1, 0.0, start, count, capa, tail, version, inst, qty, cost)
         if fee != 0.0:
-            _put_slot(r, srow, b2, 0.0, start, count, capa, tail, version, inst,
-                  qty, cost)
+            _put_slot(r, srow, b2, 0.0, start, count, capa, tail, version, inst, qty, cost)
     return m
-
-
-@nb.njit(cache=True)
-def _fits(e, r, i, qtys, prices, fees, kind, inverse, und, spot_row, usd, start, count, capa,
-          tail, inst, max_abs):
-    """Fill ``e`` has an instrument, inputs in their domain, a settlement asset other than
-    the instrument, and room for the slots it may add: in its row, or in a region of twice
-    the size within the arrays' free tail (beyond that the arrays grow, in Python)."""
-    if i < 0:
-        return False
-    q, price, fee = qtys[e], prices[e], fees[e]
-    if not _ok(q, max_abs) or q == 0.0 or not (np.isfinite(price) and price > 0) \
-            or not np.isfinite(fee):
-        return False
-    srow = spot_row[und[i]] if (kind[i] != 0 and inverse[i]) else usd
-    if srow < 0 or srow == i:
-        return False
-    base, c = start[r], count[r]
-    need = c + (_slot(inst, base, c, i) < 0) + (_slot(inst, base, c, srow) < 0)
-    return need <= capa[r] or (need <= 2 * capa[r] and
-                               tail[0] + 2 * capa[r] <= inst.shape[0])
