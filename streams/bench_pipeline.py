@@ -229,6 +229,23 @@ def _time_breakdown(pid, first, last) -> dict:
             "stage_seconds": {k: round(v - st0.get(k, 0.0), 3) for k, v in st1.items()}}
 
 
+def _broker_jit_seconds(port) -> float | None:
+    """CPU seconds the local broker's JIT compiler threads (HotSpot's ``C1``/``C2
+    CompilerThread``) have used so far; None without a broker started by ``ops/kafka``.
+
+    Why in the bench: a freshly started broker compiles its hot paths for minutes, and on a
+    2-CPU machine those threads take CPU the worker and the broker's own network threads wait
+    for (4.1 CPU-seconds in one 17-second latency phase on a broker started a minute before;
+    0.6 s on the same broker four minutes later). A latency figure is read together with it."""
+    home = Path(os.environ.get("RISKPIPE_HOME") or REPO / ".riskpipe")
+    try:
+        pid = int((home / f"kafka-run-{port}" / "kafka.pid").read_text())
+        threads = _thread_times(pid)
+    except (OSError, ValueError):
+        return None
+    return sum(cpu for name, cpu, _ in threads.values() if "Compiler" in name)
+
+
 def _ports_free(*ports) -> None:
     """Fail before measuring if a web port the bench's processes use is taken: a worker left
     from another run would answer their metrics (a bench once ran without its sink process,
@@ -377,6 +394,15 @@ def _as_generator(fn, *args):
     if "err" in box:
         raise box["err"]
     return box.get("out")
+
+
+def _latency_phase(settings, port, *args) -> dict:
+    """:func:`_latency`, with the broker's JIT compiler CPU seconds over the phase."""
+    jit0 = _broker_jit_seconds(port)
+    out = _latency(settings, *args)
+    jit1 = _broker_jit_seconds(port)
+    out["broker_jit_cpu_s"] = None if jit0 is None or jit1 is None else round(jit1 - jit0, 2)
+    return out
 
 
 def _latency(settings, *args):
@@ -758,7 +784,8 @@ def fanout(n_accounts=100_000, positions=20):
 
 
 def run(events=200_000, accounts=20_000, latency_rate=10_000, latency_seconds=10,
-        port=39092, baseline_events=None, sink_process=True, quote_share=0.02) -> dict:
+        port=39092, baseline_events=None, sink_process=True, quote_share=0.02,
+        latency_warmup_seconds=10) -> dict:
     from .demo import kafka
     from .simulator import Market
     from .topics import create_topics
@@ -827,15 +854,23 @@ def run(events=200_000, accounts=20_000, latency_rate=10_000, latency_seconds=10
                     and p.poll() is None:  # restarted: recovers its table from the changelog
                 time.sleep(0.5)
             time.sleep(5)  # catch up with anything left from the throughput run
-            result["latency"] = _latency(s, 16066, latency_rate, latency_seconds, accounts,
-                                         ins, quotes, quote_share)
+            if latency_warmup_seconds > 0:
+                # the same load first, reported apart: the figures below are the steady
+                # state of a worker and a broker that have run it (a broker started for the
+                # bench is still compiling its hot paths, see _broker_jit_seconds)
+                result["latency_warmup"] = _latency_phase(
+                    s, port, 16066, latency_rate, latency_warmup_seconds, accounts, ins, quotes,
+                    quote_share)
+                time.sleep(3)
+            result["latency"] = _latency_phase(s, port, 16066, latency_rate, latency_seconds,
+                                               accounts, ins, quotes, quote_share)
             result["latency"]["rss_mb"] = round(_rss_kb(p.pid) / 1024, 1)
             if sink is not None:
                 result["latency"]["sink_process_rss_mb"] = round(_rss_kb(sink.pid) / 1024, 1)
             time.sleep(20)  # drain the backlog before measuring below saturation
-            result["latency_below_saturation"] = _latency(
-                s, 16066, max(1, latency_rate // 5), latency_seconds, accounts, ins, quotes,
-                quote_share)
+            result["latency_below_saturation"] = _latency_phase(
+                s, port, 16066, max(1, latency_rate // 5), latency_seconds, accounts, ins,
+                quotes, quote_share)
             _alive(p, data / "worker.log")
             _alive(sink, data / "sink.log")
         finally:

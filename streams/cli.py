@@ -43,11 +43,16 @@ def bench_pipeline(events: int = typer.Option(200_000, help="input events for th
                                                      "process (roles margin + sink); "
                                                      "--no-sink-process: one process"),
                    quote_share: float = typer.Option(0.02, help="share of quotes among the "
-                                                     "input events")):
+                                                     "input events"),
+                   latency_warmup_seconds: int = typer.Option(
+                       10, help="seconds of the latency load run first and reported apart "
+                                "(latency_warmup), so the latency figures are a warm worker's "
+                                "and broker's")):
     """Worker throughput, latency and fan-out through the real broker vs a naive agent."""
     from .bench_pipeline import run
     typer.echo(json.dumps(run(events, accounts, latency_rate, latency_seconds, port,
-                              baseline_events, sink_process, quote_share), indent=2))
+                              baseline_events, sink_process, quote_share,
+                              latency_warmup_seconds), indent=2))
 
 
 def _settings(**overrides):

@@ -38,3 +38,33 @@ def test_breakdown_is_the_difference_between_snapshots():
                    "event_loop_thread_waiting_for_cpu_s": 0.25,
                    "other_threads_on_cpu_s": 0.75,
                    "stage_seconds": {"process": 2.5, "backpressure": 0.5, "wait": 0.5}}
+
+
+def test_broker_jit_seconds_sums_the_compiler_threads(tmp_path, monkeypatch):
+    """A thread named as HotSpot names its JIT compilers counts; the others do not."""
+    import ctypes
+    import threading
+
+    from streams.bench_pipeline import _broker_jit_seconds
+
+    run = tmp_path / "kafka-run-39999"
+    run.mkdir()
+    (run / "kafka.pid").write_text(str(os.getpid()))
+    monkeypatch.setenv("RISKPIPE_HOME", str(tmp_path))
+    before = _broker_jit_seconds(39999)
+    assert before is not None and before >= 0.0
+    seen = []
+
+    def compiler():
+        ctypes.CDLL(None).prctl(15, b"C2 CompilerThre", 0, 0, 0)  # PR_SET_NAME: this thread
+        _spin(0.3)
+        seen.append(_broker_jit_seconds(39999))  # sampled while it runs (an ended thread
+        # leaves /proc)
+
+    t = threading.Thread(target=compiler)
+    t.start()
+    _spin(0.3)  # the main thread's own CPU must not count
+    t.join()
+    assert seen[0] - before >= 0.15  # it spun 0.3 s (a busy CI machine may lend it less)
+    assert seen[0] - before < 0.45  # and the main thread's 0.3 s is not in it
+    assert _broker_jit_seconds(39998) is None  # no broker started on that port
