@@ -147,6 +147,9 @@ class RiskProcessor:
         self.dirty_underlyings: set[str] = set()
         self.quote_ts: dict[str, int] = {}
         self.market_version = 0
+        self._tick_gaps: list[float] = []  # processing-time gaps (ms) between the last ticks
+        self._tick_last = 0.0
+        self._tick_share = 1.0  # the current tick's share of periodic snapshots (see start_tick)
 
     # -- reference data -------------------------------------------------------------------
     def apply_instrument(self, rec: dict) -> None:
@@ -383,7 +386,45 @@ class RiskProcessor:
         self.risk_set()
         unds = sorted(dirty)
         rows, t = self.holders(unds)
+        self._tick_share = self._snapshot_share(self.clock() * 1000)
         return unds, rows, t
+
+    def _snapshot_share(self, now: float) -> float:
+        """The largest share of a tick's accounts that may write a periodic snapshot (state
+        changes always write one): twice what the market's recent tick cadence makes due.
+
+        Why: periodic snapshots are spread over the window (:func:`_window_passed`), so a tick
+        every ``g`` ms finds about ``g / interval`` of the book due. But after a quiet spell
+        (no quote for longer than the window) every account is due at once, and the first move
+        wrote a row for the whole book in one tick (20,000 snapshot and 40,000 exposure rows: a
+        burst for the worker, the broker and the sink at once, and a backlog of live trades
+        behind it). The cadence is the shortest of the last three gaps between ticks, the
+        quiet spell's own gap among them, so a steadily slow market is never held back (ticks
+        every half window or slower: no limit). The due accounts over the share go oldest
+        snapshot first; the backlog is gone within about one window."""
+        gaps = self._tick_gaps
+        if self._tick_last:
+            gaps.append(now - self._tick_last)
+            del gaps[:-3]
+        self._tick_last = now
+        if not gaps or self.snapshot_interval_ms <= 0:
+            return 1.0
+        return min(1.0, 2.0 * min(gaps) / self.snapshot_interval_ms)
+
+    def _tick_snapshots(self, rows: np.ndarray, new: np.ndarray, prev: np.ndarray) -> np.ndarray:
+        """Which of a tick's ``rows`` (all, or a step's) write a snapshot: each state change,
+        and the periodic ones due up to the tick's share of them, oldest first (a worker's tick
+        chooses within each of its steps)."""
+        last = self._last_snap[rows]
+        due = _window_passed(rows, last, self.clock() * 1000, self.snapshot_interval_ms)
+        if self._tick_share < 1.0:
+            limit = math.ceil(self._tick_share * rows.size)
+            cand = np.flatnonzero(due)
+            if cand.size > limit:
+                keep = cand[np.argsort(last[cand], kind="stable")[:limit]]
+                due = np.zeros_like(due)
+                due[keep] = True
+        return due | (new != prev)
 
     def tick_job(self, rows: np.ndarray) -> E.MarginJob:
         """The margin kernel of a tick's ``rows``, to run off the event loop
@@ -407,14 +448,13 @@ class RiskProcessor:
         self._ensure_rows(0)
         prev = self._state_arr[rows]
         new = E.classify(prev, res.equity[idx], res.im[idx], res.mm[idx], self.thresholds)
-        due = _window_passed(rows, self._last_snap[rows], self.clock() * 1000,
-                             self.snapshot_interval_ms)
-        idx = idx[(new != prev) | due]
+        idx = idx[self._tick_snapshots(rows, new, prev)]
         if idx.size == 0:
             return Output()
         part = res if idx.size == res.rows.size else res.take(idx)
         n = idx.size
-        return self._remargin(part.rows, [trigger] * n, {}, [t] * n, res=part)
+        return self._remargin(part.rows, [trigger] * n, {}, [t] * n, res=part,
+                              snap=np.ones(n, dtype=np.bool_))
 
     @staticmethod
     def tick_steps(n: int, min_step: int = 10_000, max_steps: int = 10) -> list[tuple[int, int]]:
@@ -433,7 +473,15 @@ class RiskProcessor:
         if tick is None:
             return Output()
         _, rows, t = tick
-        return self.remargin_rows(rows, "QUOTE", t)
+        if rows.size == 0:
+            return Output()
+        res = self.book.margin(self.risk_set(), rows)
+        self._ensure_rows(0)
+        prev = self._state_arr[rows]
+        new = E.classify(prev, res.equity, res.im, res.mm, self.thresholds)
+        snap = self._tick_snapshots(rows, new, prev)
+        n = rows.size
+        return self._remargin(rows, ["QUOTE"] * n, {}, [t] * n, res=res, snap=snap)
 
     def stress(self, worker: str, per_account: dict | None = None) -> list[list]:
         """Exchange-wide stress of this worker's accounts: for each underlying and scenario, how
@@ -464,9 +512,10 @@ class RiskProcessor:
                 setattr(self, name, grown)
         return row
 
-    def _remargin(self, rows, triggers, sources, ts_ms, res=None) -> Output:
+    def _remargin(self, rows, triggers, sources, ts_ms, res=None, snap=None) -> Output:
         """Margin ``rows`` (or take ``res``, their margin at the current risk set) and derive
-        states, margin events and snapshots."""
+        states, margin events and snapshots (of the rows due one, or of those in ``snap``, a
+        mask a market tick chose: :meth:`_tick_snapshots`)."""
         out = Output()
         rs = self.risk_set()
         if res is None:
@@ -490,19 +539,20 @@ class RiskProcessor:
             out.touched.add(a)
             out.events.append(self._event(a, seq, int(prev[k]), int(new[k]), res, k, ratio,
                                           short, triggers[k], sources.get(a, []), ts_ms[k], rs))
-        out.snapshots, out.exposures = self._snapshot_columns(rows, accts, res, new, prev,
+        if snap is None:
+            snap = (new != prev) | _window_passed(rows, self._last_snap[rows], now,
+                                                  self.snapshot_interval_ms)
+        out.snapshots, out.exposures = self._snapshot_columns(rows, accts, res, snap, new,
                                                               ratio, short, triggers, ts_ms,
                                                               rs, now)
         return out
 
-    def _snapshot_columns(self, rows, accts, res, new, prev, ratio, short, triggers, ts_ms, rs,
+    def _snapshot_columns(self, rows, accts, res, due, new, ratio, short, triggers, ts_ms, rs,
                           now):
-        """Risk snapshots of the accounts due one (state changed, or none yet in the account's
-        current snapshot window, see :func:`_window_passed`), built column-wise so a market
-        move over 100k accounts stays vectorised. The caller has sized the per-row arrays
-        (:meth:`_ensure_rows`)."""
-        due = (new != prev) | _window_passed(rows, self._last_snap[rows], now,
-                                             self.snapshot_interval_ms)
+        """Risk snapshots of the accounts in the mask ``due`` (state changed, or none yet in the
+        account's current snapshot window, see :func:`_window_passed`), built column-wise so
+        a market move over 100k accounts stays vectorised. The caller has sized the per-row
+        arrays (:meth:`_ensure_rows`)."""
         idx = np.flatnonzero(due)
         if idx.size == 0:
             return {}, {}
