@@ -229,6 +229,26 @@ def _time_breakdown(pid, first, last) -> dict:
             "stage_seconds": {k: round(v - st0.get(k, 0.0), 3) for k, v in st1.items()}}
 
 
+def _broker_pid(port) -> int | None:
+    """The pid of the broker ``ops/kafka`` started on ``port`` (None: none, or another's)."""
+    home = Path(os.environ.get("RISKPIPE_HOME") or REPO / ".riskpipe")
+    try:
+        return int((home / f"kafka-run-{port}" / "kafka.pid").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _process_times(pid) -> tuple[float, float]:
+    """(seconds on a CPU, seconds waiting for one) of all of ``pid``'s threads so far."""
+    if pid is None:
+        return 0.0, 0.0
+    try:
+        threads = _thread_times(pid).values()
+    except OSError:
+        return 0.0, 0.0
+    return sum(t[1] for t in threads), sum(t[2] for t in threads)
+
+
 def _broker_jit_seconds(port) -> float | None:
     """CPU seconds the local broker's JIT compiler threads (HotSpot's ``C1``/``C2
     CompilerThread``) have used so far; None without a broker started by ``ops/kafka``.
@@ -237,11 +257,12 @@ def _broker_jit_seconds(port) -> float | None:
     2-CPU machine those threads take CPU the worker and the broker's own network threads wait
     for (4.1 CPU-seconds in one 17-second latency phase on a broker started a minute before;
     0.6 s on the same broker four minutes later). A latency figure is read together with it."""
-    home = Path(os.environ.get("RISKPIPE_HOME") or REPO / ".riskpipe")
+    pid = _broker_pid(port)
+    if pid is None:
+        return None
     try:
-        pid = int((home / f"kafka-run-{port}" / "kafka.pid").read_text())
         threads = _thread_times(pid)
-    except (OSError, ValueError):
+    except OSError:
         return None
     return sum(cpu for name, cpu, _ in threads.values() if "Compiler" in name)
 
@@ -396,11 +417,29 @@ def _as_generator(fn, *args):
     return box.get("out")
 
 
-def _latency_phase(settings, port, *args) -> dict:
-    """:func:`_latency`, with the broker's JIT compiler CPU seconds over the phase."""
+def _latency_phase(settings, port, worker, sink, *args) -> dict:
+    """:func:`_latency`, with where the CPU went over the phase: the worker's time breakdown
+    (as in the throughput phase), the sink process's and the broker's CPU seconds and
+    seconds waiting for a CPU, and the broker's JIT compiler seconds.
+
+    Why: the same phase's p99 differs run to run by a factor of five on this machine (a
+    standing backlog in some runs, none in others); these say which process was short of CPU
+    or busy in the runs that had one."""
+    web = int(args[0])
+    broker = _broker_pid(port)
     jit0 = _broker_jit_seconds(port)
+    procs = {"sink_process": sink.pid if sink is not None else None, "broker": broker}
+    before = {k: _process_times(v) for k, v in procs.items()}
+    first = (time.perf_counter(), _scrape(web), _thread_times(worker.pid))
     out = _latency(settings, *args)
+    last = (time.perf_counter(), _scrape(web), _thread_times(worker.pid))
     jit1 = _broker_jit_seconds(port)
+    out["time_breakdown"] = _time_breakdown(worker.pid, first, last)
+    for k, v in procs.items():
+        if v is not None:
+            (c0, w0), (c1, w1) = before[k], _process_times(v)
+            out["time_breakdown"][f"{k}_on_cpu_s"] = round(c1 - c0, 3)
+            out["time_breakdown"][f"{k}_waiting_for_cpu_s"] = round(w1 - w0, 3)
     out["broker_jit_cpu_s"] = None if jit0 is None or jit1 is None else round(jit1 - jit0, 2)
     return out
 
@@ -859,17 +898,18 @@ def run(events=200_000, accounts=20_000, latency_rate=10_000, latency_seconds=10
                 # state of a worker and a broker that have run it (a broker started for the
                 # bench is still compiling its hot paths, see _broker_jit_seconds)
                 result["latency_warmup"] = _latency_phase(
-                    s, port, 16066, latency_rate, latency_warmup_seconds, accounts, ins, quotes,
+                    s, port, p, sink, 16066, latency_rate, latency_warmup_seconds, accounts, ins, quotes,
                     quote_share)
                 time.sleep(3)
-            result["latency"] = _latency_phase(s, port, 16066, latency_rate, latency_seconds,
-                                               accounts, ins, quotes, quote_share)
+            result["latency"] = _latency_phase(s, port, p, sink, 16066, latency_rate,
+                                               latency_seconds, accounts, ins, quotes,
+                                               quote_share)
             result["latency"]["rss_mb"] = round(_rss_kb(p.pid) / 1024, 1)
             if sink is not None:
                 result["latency"]["sink_process_rss_mb"] = round(_rss_kb(sink.pid) / 1024, 1)
             time.sleep(20)  # drain the backlog before measuring below saturation
             result["latency_below_saturation"] = _latency_phase(
-                s, port, 16066, max(1, latency_rate // 5), latency_seconds, accounts, ins,
+                s, port, p, sink, 16066, max(1, latency_rate // 5), latency_seconds, accounts, ins,
                 quotes, quote_share)
             _alive(p, data / "worker.log")
             _alive(sink, data / "sink.log")
