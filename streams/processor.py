@@ -398,8 +398,9 @@ class RiskProcessor:
         (no quote for longer than the window) every account is due at once, and the first move
         wrote a row for the whole book in one tick (20,000 snapshot and 40,000 exposure rows: a
         burst for the worker, the broker and the sink at once, and a backlog of live trades
-        behind it). The cadence is the shortest of the last three gaps between ticks, the
-        quiet spell's own gap among them, so a steadily slow market is never held back (ticks
+        behind it). The cadence is the lower median of the last three gaps between ticks: the
+        quiet spell's own gap is an outlier among them, and so is one short gap (a tick re-run
+        at once), so neither sets the share; a steadily slow market is never held back (ticks
         every half window or slower: no limit). The due accounts over the share go oldest
         snapshot first; the backlog is gone within about one window."""
         gaps = self._tick_gaps
@@ -409,7 +410,8 @@ class RiskProcessor:
         self._tick_last = now
         if not gaps or self.snapshot_interval_ms <= 0:
             return 1.0
-        return min(1.0, 2.0 * min(gaps) / self.snapshot_interval_ms)
+        cadence = sorted(gaps)[(len(gaps) - 1) // 2]
+        return min(1.0, 2.0 * cadence / self.snapshot_interval_ms)
 
     def _tick_snapshots(self, rows: np.ndarray, new: np.ndarray, prev: np.ndarray) -> np.ndarray:
         """Which of a tick's ``rows`` (all, or a step's) write a snapshot: each state change,

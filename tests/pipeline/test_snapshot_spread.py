@@ -93,3 +93,15 @@ def test_after_a_quiet_spell_the_book_is_spread_over_about_one_window(stepped):
         seen |= set(got)
     assert seen == {f"acct-{k:04d}" for k in range(N)}  # everyone within about a window
     assert max(per_tick) <= limit
+
+
+def test_the_share_follows_the_cadence_not_one_odd_gap():
+    proc = RiskProcessor(snapshot_interval_ms=1000)
+    shares = [proc._snapshot_share(t) for t in
+              (1000.0, 1100.0, 1200.0, 1300.0,  # every 100 ms: 0.2
+               6300.0,                          # after 5 s of quiet: still 0.2
+               6305.0,                          # a tick re-run at once: still 0.2
+               6405.0, 6505.0)]
+    assert shares == [1.0, 0.2, 0.2, 0.2, 0.2, 0.2, 0.2, 0.2]
+    slow = RiskProcessor(snapshot_interval_ms=1000)
+    assert [slow._snapshot_share(t) for t in (0.5, 600.5, 1200.5, 1800.5)][1:] == [1.0] * 3
