@@ -238,15 +238,17 @@ def _broker_pid(port) -> int | None:
         return None
 
 
-def _process_times(pid) -> tuple[float, float]:
-    """(seconds on a CPU, seconds waiting for one) of all of ``pid``'s threads so far."""
+def _process_times(pid) -> tuple[float, float, float]:
+    """(seconds on a CPU, seconds waiting for one, seconds on a CPU of its JIT compiler
+    threads) of all of ``pid``'s threads so far; zeros for no process."""
     if pid is None:
-        return 0.0, 0.0
+        return 0.0, 0.0, 0.0
     try:
         threads = _thread_times(pid).values()
     except OSError:
-        return 0.0, 0.0
-    return sum(t[1] for t in threads), sum(t[2] for t in threads)
+        return 0.0, 0.0, 0.0
+    return (sum(t[1] for t in threads), sum(t[2] for t in threads),
+            sum(t[1] for t in threads if "Compiler" in t[0]))
 
 
 def _broker_jit_seconds(port) -> float | None:
@@ -258,13 +260,9 @@ def _broker_jit_seconds(port) -> float | None:
     for (4.1 CPU-seconds in one 17-second latency phase on a broker started a minute before;
     0.6 s on the same broker four minutes later). A latency figure is read together with it."""
     pid = _broker_pid(port)
-    if pid is None:
+    if pid is None or not Path(f"/proc/{pid}").exists():
         return None
-    try:
-        threads = _thread_times(pid)
-    except OSError:
-        return None
-    return sum(cpu for name, cpu, _ in threads.values() if "Compiler" in name)
+    return _process_times(pid)[2]
 
 
 def _ports_free(*ports) -> None:
@@ -426,21 +424,21 @@ def _latency_phase(settings, port, worker, sink, *args) -> dict:
     standing backlog in some runs, none in others); these say which process was short of CPU
     or busy in the runs that had one."""
     web = int(args[0])
-    broker = _broker_pid(port)
-    jit0 = _broker_jit_seconds(port)
-    procs = {"sink_process": sink.pid if sink is not None else None, "broker": broker}
+    procs = {"sink_process": sink.pid if sink is not None else None,
+             "broker": _broker_pid(port)}
+    procs = {k: v for k, v in procs.items() if v is not None and Path(f"/proc/{v}").exists()}
     before = {k: _process_times(v) for k, v in procs.items()}
     first = (time.perf_counter(), _scrape(web), _thread_times(worker.pid))
     out = _latency(settings, *args)
     last = (time.perf_counter(), _scrape(web), _thread_times(worker.pid))
-    jit1 = _broker_jit_seconds(port)
+    after = {k: _process_times(v) for k, v in procs.items()}
     out["time_breakdown"] = _time_breakdown(worker.pid, first, last)
-    for k, v in procs.items():
-        if v is not None:
-            (c0, w0), (c1, w1) = before[k], _process_times(v)
-            out["time_breakdown"][f"{k}_on_cpu_s"] = round(c1 - c0, 3)
-            out["time_breakdown"][f"{k}_waiting_for_cpu_s"] = round(w1 - w0, 3)
-    out["broker_jit_cpu_s"] = None if jit0 is None or jit1 is None else round(jit1 - jit0, 2)
+    for k in procs:
+        (c0, w0, _), (c1, w1, _) = before[k], after[k]
+        out["time_breakdown"][f"{k}_on_cpu_s"] = round(c1 - c0, 3)
+        out["time_breakdown"][f"{k}_waiting_for_cpu_s"] = round(w1 - w0, 3)
+    out["broker_jit_cpu_s"] = (round(after["broker"][2] - before["broker"][2], 2)
+                               if "broker" in procs else None)
     return out
 
 
@@ -898,8 +896,8 @@ def run(events=200_000, accounts=20_000, latency_rate=10_000, latency_seconds=10
                 # state of a worker and a broker that have run it (a broker started for the
                 # bench is still compiling its hot paths, see _broker_jit_seconds)
                 result["latency_warmup"] = _latency_phase(
-                    s, port, p, sink, 16066, latency_rate, latency_warmup_seconds, accounts, ins, quotes,
-                    quote_share)
+                    s, port, p, sink, 16066, latency_rate, latency_warmup_seconds, accounts,
+                    ins, quotes, quote_share)
                 time.sleep(3)
             result["latency"] = _latency_phase(s, port, p, sink, 16066, latency_rate,
                                                latency_seconds, accounts, ins, quotes,
@@ -909,8 +907,8 @@ def run(events=200_000, accounts=20_000, latency_rate=10_000, latency_seconds=10
                 result["latency"]["sink_process_rss_mb"] = round(_rss_kb(sink.pid) / 1024, 1)
             time.sleep(20)  # drain the backlog before measuring below saturation
             result["latency_below_saturation"] = _latency_phase(
-                s, port, p, sink, 16066, max(1, latency_rate // 5), latency_seconds, accounts, ins,
-                quotes, quote_share)
+                s, port, p, sink, 16066, max(1, latency_rate // 5), latency_seconds,
+                accounts, ins, quotes, quote_share)
             _alive(p, data / "worker.log")
             _alive(sink, data / "sink.log")
         finally:

@@ -477,13 +477,8 @@ class RiskProcessor:
         _, rows, t = tick
         if rows.size == 0:
             return Output()
-        res = self.book.margin(self.risk_set(), rows)
-        self._ensure_rows(0)
-        prev = self._state_arr[rows]
-        new = E.classify(prev, res.equity, res.im, res.mm, self.thresholds)
-        snap = self._tick_snapshots(rows, new, prev)
         n = rows.size
-        return self._remargin(rows, ["QUOTE"] * n, {}, [t] * n, res=res, snap=snap)
+        return self._remargin(rows, ["QUOTE"] * n, {}, [t] * n, snap=self._tick_snapshots)
 
     def stress(self, worker: str, per_account: dict | None = None) -> list[list]:
         """Exchange-wide stress of this worker's accounts: for each underlying and scenario, how
@@ -516,8 +511,9 @@ class RiskProcessor:
 
     def _remargin(self, rows, triggers, sources, ts_ms, res=None, snap=None) -> Output:
         """Margin ``rows`` (or take ``res``, their margin at the current risk set) and derive
-        states, margin events and snapshots (of the rows due one, or of those in ``snap``, a
-        mask a market tick chose: :meth:`_tick_snapshots`)."""
+        states, margin events and snapshots (of the rows due one, or as ``snap`` says: a mask,
+        or a function of (rows, new states, previous states) giving one, as a market tick
+        chooses them: :meth:`_tick_snapshots`)."""
         out = Output()
         rs = self.risk_set()
         if res is None:
@@ -544,6 +540,8 @@ class RiskProcessor:
         if snap is None:
             snap = (new != prev) | _window_passed(rows, self._last_snap[rows], now,
                                                   self.snapshot_interval_ms)
+        elif callable(snap):
+            snap = snap(rows, new, prev)
         out.snapshots, out.exposures = self._snapshot_columns(rows, accts, res, snap, new,
                                                               ratio, short, triggers, ts_ms,
                                                               rs, now)
