@@ -191,6 +191,19 @@ def _sink_rows(port) -> float:
                if line.startswith("riskpipe_sink_rows_total{"))
 
 
+def _sink_totals(port) -> tuple[float, float, float]:
+    """The sink's inserts, their seconds and the rows they stored so far (all tables)."""
+    n = secs = rows = 0.0
+    for line in _scrape(port):
+        if line.startswith("riskpipe_sink_batch_seconds_count "):
+            n = float(line.split()[1])
+        elif line.startswith("riskpipe_sink_batch_seconds_sum "):
+            secs = float(line.split()[1])
+        elif line.startswith("riskpipe_sink_rows_total{"):
+            rows += float(line.split()[1])
+    return n, secs, rows
+
+
 def _stages(lines) -> dict[str, float]:
     """The worker's seconds per stage (``riskpipe_stage_seconds_total``) in a scrape."""
     return {line.split('"')[1]: float(line.split()[-1]) for line in lines
@@ -415,10 +428,11 @@ def _as_generator(fn, *args):
     return box.get("out")
 
 
-def _latency_phase(settings, port, worker, sink, *args) -> dict:
+def _latency_phase(settings, port, worker, sink, *args, sink_port=None) -> dict:
     """:func:`_latency`, with where the CPU went over the phase: the worker's time breakdown
     (as in the throughput phase), the sink process's and the broker's CPU seconds and
-    seconds waiting for a CPU, and the broker's JIT compiler seconds.
+    seconds waiting for a CPU, the broker's JIT compiler seconds, and the ClickHouse inserts
+    the sink made (each has a fixed cost, so their number matters as much as their rows).
 
     Why: the same phase's p99 differs run to run by a factor of five on this machine (a
     standing backlog in some runs, none in others); these say which process was short of CPU
@@ -428,11 +442,16 @@ def _latency_phase(settings, port, worker, sink, *args) -> dict:
              "broker": _broker_pid(port)}
     procs = {k: v for k, v in procs.items() if v is not None and Path(f"/proc/{v}").exists()}
     before = {k: _process_times(v) for k, v in procs.items()}
+    sink0 = _sink_totals(sink_port or web)
     first = (time.perf_counter(), _scrape(web), _thread_times(worker.pid))
     out = _latency(settings, *args)
     last = (time.perf_counter(), _scrape(web), _thread_times(worker.pid))
     after = {k: _process_times(v) for k, v in procs.items()}
+    sink1 = _sink_totals(sink_port or web)
     out["time_breakdown"] = _time_breakdown(worker.pid, first, last)
+    out["sink_inserts"] = {"inserts": int(sink1[0] - sink0[0]),
+                           "insert_seconds": round(sink1[1] - sink0[1], 3),
+                           "rows": int(sink1[2] - sink0[2])}
     for k in procs:
         (c0, w0, _), (c1, w1, _) = before[k], after[k]
         out["time_breakdown"][f"{k}_on_cpu_s"] = round(c1 - c0, 3)
@@ -870,8 +889,9 @@ def run(events=200_000, accounts=20_000, latency_rate=10_000, latency_seconds=10
                     raise RuntimeError(f"sink process not ready; see {data / 'sink.log'}")
                 time.sleep(0.2)
         result["in_process_account_path"] = in_process(ins, quotes, warmup, load)
+        sink_port = 16068 if sink_process else None
         result["riskpipe_worker"] = _throughput(s, "worker", 16066, warmup, load, extra=margin,
-                                                sink_port=16068 if sink_process else None)
+                                                sink_port=sink_port)
         _alive(sink, data / "sink.log")
         nb = baseline_events or min(events, 30_000)
         s2 = Settings(kafka_bootstrap=s.kafka_bootstrap, topic_prefix=f"benchnaive{run_id}.",
@@ -897,18 +917,18 @@ def run(events=200_000, accounts=20_000, latency_rate=10_000, latency_seconds=10
                 # bench is still compiling its hot paths, see _broker_jit_seconds)
                 result["latency_warmup"] = _latency_phase(
                     s, port, p, sink, 16066, latency_rate, latency_warmup_seconds, accounts,
-                    ins, quotes, quote_share)
+                    ins, quotes, quote_share, sink_port=sink_port)
                 time.sleep(3)
             result["latency"] = _latency_phase(s, port, p, sink, 16066, latency_rate,
                                                latency_seconds, accounts, ins, quotes,
-                                               quote_share)
+                                               quote_share, sink_port=sink_port)
             result["latency"]["rss_mb"] = round(_rss_kb(p.pid) / 1024, 1)
             if sink is not None:
                 result["latency"]["sink_process_rss_mb"] = round(_rss_kb(sink.pid) / 1024, 1)
             time.sleep(20)  # drain the backlog before measuring below saturation
             result["latency_below_saturation"] = _latency_phase(
                 s, port, p, sink, 16066, max(1, latency_rate // 5), latency_seconds,
-                accounts, ins, quotes, quote_share)
+                accounts, ins, quotes, quote_share, sink_port=sink_port)
             _alive(p, data / "worker.log")
             _alive(sink, data / "sink.log")
         finally:
