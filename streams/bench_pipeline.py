@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import orjson
 
+from . import rowblock
 from .settings import REPO, Settings
 
 T0 = datetime.now(timezone.utc).replace(microsecond=0) - timedelta(minutes=5)
@@ -553,6 +554,7 @@ def _measure_latency(settings, pub, port, rate, seconds, n_accounts, instruments
     stop = threading.Event()
     # only this phase's events (a worker may still be finishing older input)
     since_ms = time.time() * 1000 - 1
+    snap_head = bytes([rowblock.NATIVE, len("risk_snapshots")]) + b"risk_snapshots"
 
     def consume():
         while not stop.is_set():
@@ -564,13 +566,14 @@ def _measure_latency(settings, pub, port, rate, seconds, n_accounts, instruments
                 raise RuntimeError(f"{m.topic()} records carry no log append time")
             if m.topic() == topics[0]:
                 v = m.value()
-                if not v.startswith(b'{"risk_snapshots"') or (
-                        b'"TRADE"' not in v and b'"COLLATERAL"' not in v):
+                if not v.startswith(snap_head) or (
+                        b"\x05TRADE" not in v and b"\x0aCOLLATERAL" not in v):
                     continue  # exposure and stress rows, and a market tick's snapshots (all
-                    # QUOTE): not parsed, as they hold no sample (the generator's CPU)
-                cols = orjson.loads(v).get("risk_snapshots")
+                    # QUOTE): not decoded, as they hold no sample (the generator's CPU)
+                cols = rowblock.read(v).get("risk_snapshots")
                 if cols:
-                    for trig, ts, a in zip(cols["trigger"], cols["ts"], cols["account"]):
+                    for trig, ts, a in zip(cols["trigger"], cols["ts"].tolist(),
+                                           cols["account"]):
                         if trig in ("TRADE", "COLLATERAL") and ts >= since_ms:
                             lat.append(produced_ms - ts)
                             at.append(ts)
@@ -726,7 +729,7 @@ def in_process(ins, quotes, warmup, load, n=60_000, batch=2000) -> dict:
     (25,800-27,300 events/s against 58,000-73,500 with the kernels cached)."""
     import engine as E
     from schemas import Codec
-    from .processor import column_messages
+    from .rowblock import encode as encode_rows
     E.warm_up()
     codec = Codec()
     proc = _processor(ins, quotes, 1000)
@@ -742,7 +745,7 @@ def in_process(ins, quotes, warmup, load, n=60_000, batch=2000) -> dict:
                 dumps(proc.account_record(a), option=opt)
             for table, cols in (("risk_snapshots", out.snapshots),
                                 ("exposures", out.exposures)):
-                column_messages(table, cols)
+                encode_rows(table, cols)
     apply(warmup, 0)
     t0 = time.perf_counter()
     apply(timed, len(warmup))
@@ -777,7 +780,7 @@ def fanout(n_accounts=100_000, positions=20):
     gc.collect()
     rss1 = _rss_kb(os.getpid())
     proc.on_market_tick()
-    from .processor import column_messages
+    from .rowblock import encode as encode_rows
     times, encode = [], []
     for k in range(5):
         q = quotes[0]
@@ -789,7 +792,7 @@ def fanout(n_accounts=100_000, positions=20):
         t1 = time.perf_counter()
         msgs = [m for table, cols in (("risk_snapshots", out.snapshots),
                                       ("exposures", out.exposures))
-                for m in column_messages(table, cols)]
+                for m in encode_rows(table, cols)[0]]
         times.append(t1 - t0)
         encode.append(time.perf_counter() - t1)
     # the worker's path (Pipeline.market_tick): the same tick in its steps, outputs encoded
@@ -809,7 +812,7 @@ def fanout(n_accounts=100_000, positions=20):
             part = proc.finish_tick_job(job, res, lo, hi, "QUOTE", t_ms)
             for table, cols in (("risk_snapshots", part.snapshots),
                                 ("exposures", part.exposures)):
-                column_messages(table, cols)
+                encode_rows(table, cols)
         t3 = time.perf_counter()
         steps.append(t3 - t0)
         on_loop.append((t1 - t0) + (t3 - t2))

@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 import numpy as np
-import orjson
 
 import engine as E
 from engine.states import MarginState
@@ -89,18 +88,6 @@ def _concat(parts: list):
 
 def n_rows(cols: dict) -> int:
     return len(cols.get("account", ()))
-
-
-def column_messages(table: str, cols: dict, chunk: int = 2000) -> list[tuple[bytes, bytes]]:
-    """(key, value) of the internal snapshot messages carrying ``cols`` to the sink: JSON
-    ``{table: {column: [values]}}`` in chunks of ``chunk`` rows, keyed by their first account
-    (a market move over 100,000 accounts is ~50 messages)."""
-    out = []
-    for lo in range(0, n_rows(cols), chunk):
-        part = {k: v[lo:lo + chunk] for k, v in cols.items()}
-        out.append((part["account"][0].encode(),
-                    orjson.dumps({table: part}, option=orjson.OPT_SERIALIZE_NUMPY)))
-    return out
 
 
 @dataclass
@@ -564,8 +551,9 @@ class RiskProcessor:
         acc = accts if everyone else _pick(accts, idx)
         ts = np.asarray(ts_ms, dtype=np.int64)[idx]
         trig = triggers if everyone else _pick(triggers, idx)
-        # numbers stay numpy arrays: they are serialised by orjson as they are (a Python float
-        # per value for 100,000 accounts cost ~20 ms of a market tick); text columns are lists
+        # numbers stay numpy arrays: their bytes go into the Native blocks as they are (a
+        # Python float per value for 100,000 accounts cost ~20 ms of a market tick); text
+        # columns are lists
         snaps = {
             "account": acc, "ts": ts,
             "state": np.array(STATE_NAMES, dtype=object)[new[idx]].tolist(),

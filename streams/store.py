@@ -24,6 +24,8 @@ from urllib.parse import urlsplit
 import clickhouse_connect
 import orjson
 
+from . import rowblock
+from .rowblock import Blocks, column_rows
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -188,14 +190,12 @@ def open_store(settings: Settings):
         st.close()
 
 
-SNAPSHOT_COLS = ["account", "ts", "state", "equity", "im", "mm", "margin_ratio", "shortfall",
-                 "worst_underlying", "worst_scenario", "worst_pnl", "trigger", "params_version",
-                 "seq"]
+SNAPSHOT_COLS = rowblock.COLUMNS["risk_snapshots"]
 EVENT_COLS = ["event_id", "account", "seq", "prev_state", "state", "equity", "im", "mm",
               "margin_ratio", "shortfall", "worst_underlying", "worst_scenario", "worst_pnl",
               "trigger", "params_version", "liquidation_plan", "ts"]
-EXPOSURE_COLS = ["account", "underlying", "ts", "delta", "gamma", "vega", "theta"]
-SCENARIO_PNL_COLS = ["account", "underlying", "scenario", "ts", "pnl"]
+EXPOSURE_COLS = rowblock.COLUMNS["exposures"]
+SCENARIO_PNL_COLS = rowblock.COLUMNS["scenario_pnl"]
 STRESS_COLS = ["ts", "worker", "underlying", "scenario", "price_move", "vol_shock_sign", "weight",
                "accounts", "accounts_negative", "uncovered_loss"]
 
@@ -258,28 +258,17 @@ class ClickHouseSink:
     async def _call(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
-    async def write(self, table: str, rows: list | dict, source: str) -> None:
+    async def write(self, table: str, rows: list | dict | Blocks, source: str) -> None:
         """Insert ``rows`` identified by ``source`` (topic, partition and offset range);
-        returns once they are stored or dead-lettered. ``rows`` is either a list of rows (lists
-        in the table's column order) or a dict of columns (``ts`` in epoch milliseconds), which
-        is sent as ``JSONColumns`` and parsed by ClickHouse itself: ~5x cheaper than building
-        the native format row by row in Python, which matters as the sink shares the worker's
-        interpreter with the account path."""
-        n = n_columns_rows(rows) if isinstance(rows, dict) else len(rows)
+        returns once they are stored or dead-lettered. ``rows`` is a list of rows (lists in
+        the table's column order), Native blocks of a columnar table (:class:`Blocks`, as they
+        came from the topic), or a dict of columns (``ts`` in epoch milliseconds) made into
+        one here, its rows the table cannot hold handed to ``on_rejected``."""
+        if isinstance(rows, dict):
+            rows = await self.blocks(table, rows)
+        n = rowblock.n_rows(rows) if isinstance(rows, Blocks) else len(rows)
         if not n:
             return
-        if isinstance(rows, dict):
-            bad = invalid_rows(table, rows)
-            if bad:
-                ks = sorted(bad)
-                for k, row in zip(ks, column_rows(table, rows, ks)):
-                    if self.on_rejected:
-                        await self.on_rejected(table, row, bad[k])
-                keep = [k for k in range(n) if k not in bad]
-                rows = {c: [v[k] for k in keep] for c, v in rows.items()}
-                n = len(keep)
-                if not n:
-                    return
         self.pending = n
         delay = 0.2
         token = f"{table}|{source}"
@@ -295,8 +284,8 @@ class ClickHouseSink:
                 break
             except Exception as e:  # noqa: BLE001 - classified below
                 if _is_bad_data(e):
-                    if isinstance(rows, dict):
-                        rows = column_rows(table, rows)
+                    if isinstance(rows, Blocks):
+                        rows = column_rows(table, rowblock.decode(b"".join(rows)))
                     await self._row_by_row(table, rows, token)
                     break
                 self.retries += 1
@@ -309,6 +298,35 @@ class ClickHouseSink:
                 delay = min(delay * 2, 5.0)
         self.pending = 0
 
+    async def blocks(self, table: str, cols: dict) -> Blocks:
+        """The rows of ``cols`` that ``table`` can hold as one Native block; the others go to
+        ``on_rejected`` with the reason."""
+        msgs, rejected = rowblock.encode(table, cols, chunk=max(1, len(cols.get("account", ()))))
+        for row, why in rejected:
+            if self.on_rejected:
+                await self.on_rejected(table, row, why)
+        return Blocks(rowblock.split(v)[1] for _, v in msgs)
+
+    async def write_messages(self, values, source: str) -> None:
+        """Store a batch of internal ``risk-snapshots`` messages: one insert per table, of
+        the batch's Native blocks joined as they are. JSON messages (stress rows; columns in
+        the framing of earlier versions) are parsed and added."""
+        blocks: dict[str, Blocks] = {}
+        legacy = []
+        for v in values:
+            if rowblock.is_native(v):
+                table, blk = rowblock.split(v)
+                blocks.setdefault(table, Blocks()).append(blk)
+            else:
+                legacy.append(orjson.loads(v))
+        for table, rows in snapshot_columns(legacy).items():
+            if isinstance(rows, dict):
+                blocks.setdefault(table, Blocks()).extend(await self.blocks(table, rows))
+            else:
+                await self.write(table, rows, source)
+        for table, blks in blocks.items():
+            await self.write(table, blks, source)
+
     def _insert(self, table, rows, token) -> None:
         drill = self.s.fault_clickhouse_down_file
         if drill is not None and drill.exists():
@@ -316,13 +334,13 @@ class ClickHouseSink:
             raise OperationalError(f"ClickHouse unreachable (fault drill: {drill} exists)")
         st = self._ensure()
         cols = COLUMNS[table]
-        if isinstance(rows, dict):
-            data = {c: rows[c] for c in cols}
-            data["ts"] = [v / 1000 for v in data["ts"]]  # seconds.millis: exact in JSON text
-            st.client.raw_insert(f"{st.db}.{table}", cols, orjson.dumps(data),
-                                 fmt="JSONColumns",
-                                 settings={"insert_deduplication_token": token})
-            self.inserted[table] += n_columns_rows(rows)
+        if isinstance(rows, Blocks):
+            # text goes as String into LowCardinality(String) columns: the conversion is on by
+            # default, asked for anyway in case a server's profile turned it off
+            st.client.raw_insert(f"{st.db}.{table}", cols, b"".join(rows), fmt="Native",
+                                 settings={"insert_deduplication_token": token,
+                                           "input_format_native_allow_types_conversion": 1})
+            self.inserted[table] += rowblock.n_rows(rows)
             return
         st.client.insert(f"{st.db}.{table}", rows, column_names=cols,
                          settings={"insert_deduplication_token": token})
@@ -350,50 +368,9 @@ COLUMNS = {"risk_snapshots": SNAPSHOT_COLS, "margin_events": EVENT_COLS,
            "scenario_pnl": SCENARIO_PNL_COLS}
 
 
-# integer columns of the columnar tables and their ClickHouse ranges; every other numeric column
-# is Float64. JSON input parses leniently (an out-of-range integer wraps, a null becomes 0), so
-# columnar batches are checked here and offending rows dead-lettered with the reason.
-INT_RANGES = {"worst_scenario": (-2**15, 2**15 - 1), "params_version": (0, 2**64 - 1),
-              "seq": (0, 2**64 - 1), "scenario": (0, 2**16 - 1)}
-TEXT_COLUMNS = {"account", "state", "worst_underlying", "trigger", "underlying", "ts"}
-
-
-def invalid_rows(table: str, cols: dict) -> dict[int, str]:
-    """Row index -> reason, for values the table cannot hold faithfully (vectorised)."""
-    import numpy as np
-    bad: dict[int, str] = {}
-    for c in COLUMNS[table]:
-        if c in TEXT_COLUMNS:
-            continue
-        a = np.asarray(cols[c], dtype=float)  # None -> nan
-        if c in INT_RANGES:
-            lo, hi = INT_RANGES[c]
-            ok = (a >= lo) & (a <= hi) & (a == np.floor(a))
-            what = f"outside {c}'s range [{lo}, {hi}]"
-        else:
-            ok = np.isfinite(a)
-            what = f"non-finite {c}"
-        for k in np.flatnonzero(~ok).tolist():
-            bad.setdefault(k, f"{what}: {cols[c][k]!r}")
-    return bad
-
-
-def n_columns_rows(cols: dict) -> int:
-    return len(next(iter(cols.values()))) if cols else 0
-
-
-def column_rows(table: str, cols: dict, idx=None) -> list[list]:
-    """Rows (table column order, ``ts`` as datetimes) of a dict of columns: all of them, or
-    those at the indexes ``idx``."""
-    names = COLUMNS[table]
-    if idx is None:
-        idx = range(n_columns_rows(cols))
-    return [[_from_json(c, cols[c][k]) for c in names] for k in idx]
-
-
 def snapshot_columns(msgs) -> dict[str, dict | list]:
-    """Merge internal snapshot messages into one dict of columns per columnar table (risk
-    snapshots, exposures, scenario P&L) and one row list for stress."""
+    """Merge parsed JSON snapshot messages into one dict of columns per columnar table (the
+    framing of earlier versions) and one row list for stress."""
     out: dict = {}
     for msg in msgs:
         for table, data in msg.items():
@@ -404,14 +381,8 @@ def snapshot_columns(msgs) -> dict[str, dict | list]:
             else:
                 cols = COLUMNS[table]
                 out.setdefault(table, []).extend(
-                    [_from_json(c, r[i]) for i, c in enumerate(cols)] for r in data)
+                    [rowblock.cell(c, r[i]) for i, c in enumerate(cols)] for r in data)
     return out
-
-
-def _from_json(col, v):
-    if col == "ts" and isinstance(v, (int, float)):
-        return datetime.fromtimestamp(v / 1000, tz=timezone.utc)
-    return v
 
 
 def _event_row(e: dict) -> list:

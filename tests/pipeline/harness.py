@@ -12,9 +12,11 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 from confluent_kafka import Consumer, TopicPartition
 
 from schemas import Codec
+from streams import rowblock
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -175,8 +177,9 @@ def snapshot_keys(settings):
             idle += 1
             continue
         idle = 0
-        cols = json.loads(m.value()).get("risk_snapshots")
+        cols = rowblock.read(m.value()).get("risk_snapshots")
         if cols:
-            keys |= set(zip(cols["account"], cols["ts"], cols["seq"], cols["trigger"]))
+            keys |= set(zip(cols["account"], np.asarray(cols["ts"]).tolist(),
+                            np.asarray(cols["seq"]).tolist(), cols["trigger"]))
     c.close()
     return keys

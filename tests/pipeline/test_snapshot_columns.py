@@ -1,10 +1,10 @@
-"""Risk snapshot and exposure rows, as the sink receives them (orjson of the column dict), do
-not depend on how input was batched, and keep their types: numbers stay exact integers where
-the table has integers (times, sequence numbers, versions) whichever way the columns were
-merged across rounds."""
+"""Risk snapshot and exposure rows, as the sink receives them (Native blocks on the internal
+topic, decoded), do not depend on how input was batched, and keep their types: numbers stay
+exact integers where the table has integers (times, sequence numbers, versions) whichever way
+the columns were merged across rounds."""
 import numpy as np
-import orjson
 
+from streams import rowblock
 from streams.processor import EXPOSURE_COLUMNS, SNAPSHOT_COLUMNS, Output, RiskProcessor
 from tests.pipeline.workload import account_events, market_ready
 
@@ -14,8 +14,14 @@ def _processor():
 
 
 def _rows(out: Output, table: str) -> list[tuple]:
-    cols = orjson.loads(orjson.dumps(out.snapshots if table == "snap" else out.exposures,
-                                     option=orjson.OPT_SERIALIZE_NUMPY))
+    name = "risk_snapshots" if table == "snap" else "exposures"
+    msgs, rejected = rowblock.encode(name, out.snapshots if table == "snap" else out.exposures,
+                                     chunk=7)  # several blocks per table
+    assert rejected == []
+    if not msgs:
+        return []
+    cols = rowblock.decode(b"".join(rowblock.split(v)[1] for _, v in msgs))
+    cols = {c: v.tolist() if isinstance(v, np.ndarray) else v for c, v in cols.items()}
     names = SNAPSHOT_COLUMNS if table == "snap" else EXPOSURE_COLUMNS
     n = len(cols.get("account", []))
     return [tuple(cols[c][k] for c in names) for k in range(n)]

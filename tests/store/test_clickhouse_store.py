@@ -127,9 +127,9 @@ def test_rows_the_server_rejects_go_to_the_rejection_handler(store_settings):
 
 
 def test_columnar_batches_keep_millisecond_times_and_reject_bad_rows(store_settings):
-    """Snapshot columns go in as JSONColumns: event times keep their milliseconds, and rows the
-    server refuses (a non-finite figure, an out-of-range field) are handed over one by one
-    while the rest of the batch is stored."""
+    """Snapshot columns go in as a Native block: event times keep their milliseconds, and rows
+    the table cannot hold (a non-finite figure, an out-of-range field) are handed over one by
+    one while the rest of the batch is stored."""
     from streams.store import COLUMNS
     st = Store(store_settings)
     st.migrate()
