@@ -198,11 +198,12 @@ class Pipeline:
         if self.sink_role:
             groups["sink-snapshots"] = [s.topic("risk-snapshots")]
             groups["sink-events"] = [s.topic("margin-calls")]
-        self.feeds = install_feed(app, groups, {"sink-snapshots": s.sink_buffer,
-                                                "sink-events": s.sink_buffer},
+        sinks = ("sink-snapshots", "sink-events")
+        self.feeds = install_feed(app, groups, {g: s.sink_buffer for g in sinks},
                                   fetch_max_wait_ms=s.fetch_max_wait_ms,
                                   prefetch_backoff_ms=s.prefetch_backoff_ms,
-                                  aligned={"accounts": s.align_max_wait_ms})
+                                  aligned={"accounts": s.align_max_wait_ms},
+                                  max_bytes={g: s.sink_buffer_mb << 20 for g in sinks})
         self.feed = self.feeds.get("accounts")
         if self.feed is not None:
             self.feed.on_fetch = self.fetch_lag.observe

@@ -41,21 +41,31 @@ log = logging.getLogger(__name__)
 STAGED_PER_FETCH = 4096
 
 
+def _size(fetch: dict) -> int:
+    """Bytes of the record values of a fetch."""
+    return sum(len(r.value or b"") for recs in fetch.values() for r in recs)
+
+
 class Feed:
     """Fetched records of some topics waiting for one agent.
 
-    Bounded per partition group, never by blocking: when ``max_fetches`` fetches are queued,
-    the feed asks the consumer to stop fetching the partitions it holds (Faust's own
-    buffer-full mechanism) and to resume them once the agent has taken the queue down to half.
+    Bounded per partition group, never by blocking: when ``max_fetches`` fetches (or, if
+    given, ``max_bytes`` of record values) are queued, the feed asks the consumer to stop
+    fetching the partitions it holds (Faust's own buffer-full mechanism) and to resume them
+    once the agent has taken the queue down to half. The sink's feeds are bounded in bytes
+    too: they wait up to a second to fill a batch, so their fetch bound is set high, and the
+    bytes keep a catch-up of large fetches within memory.
     The fetch loop itself never waits on a feed, so a stalled agent (the sink during a
     ClickHouse outage) cannot hold up the others (the accounts agent and margin calls)."""
 
     def __init__(self, topics, max_fetches: int = 16, align: bool = False,
-                 align_max_wait_ms: int = 1000):
+                 align_max_wait_ms: int = 1000, max_bytes: int | None = None):
         self.topics = frozenset(topics)
         self.epoch = 0
         self._q: deque = deque()
         self._max = max_fetches
+        self._max_bytes = max_bytes
+        self._bytes = 0  # record values queued (counted only with max_bytes)
         self._not_empty = asyncio.Event()
         self._paused: set = set()
         self._consumer = None
@@ -79,6 +89,7 @@ class Feed:
         """Forget everything fetched so far (called when partitions are revoked)."""
         self.epoch += 1
         self._q.clear()
+        self._bytes = 0
         self._staged.clear()
         self._n_staged = 0
         self._next.clear()
@@ -93,6 +104,8 @@ class Feed:
         if epoch != self.epoch:
             return
         self._q.append((epoch, fetch))
+        if self._max_bytes is not None:
+            self._bytes += _size(fetch)
         self._not_empty.set()
         if self.on_fetch is not None:
             now = time.time()
@@ -100,7 +113,7 @@ class Feed:
                 self.on_fetch(max(0.0, now - recs[0].timestamp / 1000.0))
         if consumer is not None:
             self._consumer = consumer
-        full = len(self._q) >= self._max
+        full = self._full()
         if consumer is not None and (full or self._n_staged >= self._max * STAGED_PER_FETCH):
             for tp in fetch:
                 tp = TP(tp.topic, tp.partition)  # Faust's own type, as its partition sets hold
@@ -110,8 +123,19 @@ class Feed:
                     consumer.on_buffer_full(tp)
                     self._paused.add(tp)
 
+    def _full(self) -> bool:
+        return len(self._q) >= self._max or (self._max_bytes is not None and
+                                              self._bytes >= self._max_bytes)
+
+    def _pop(self) -> tuple:
+        item = self._q.popleft()
+        if self._max_bytes is not None:
+            self._bytes -= _size(item[1])
+        return item
+
     def _maybe_resume(self) -> None:
         if self._paused and len(self._q) <= self._max // 2 and \
+                (self._max_bytes is None or self._bytes <= self._max_bytes // 2) and \
                 self._n_staged <= self._max * STAGED_PER_FETCH // 2:
             for tp in self._paused:
                 self._consumer.on_buffer_drop(tp)
@@ -135,7 +159,7 @@ class Feed:
         if within > 0:
             loop = asyncio.get_running_loop()
             deadline = loop.time() + within
-            while len(self._q) < self._max and \
+            while not self._full() and \
                     sum(len(r) for _, f in self._q for r in f.values()) < max_records:
                 left = deadline - loop.time()
                 if left <= 0:
@@ -145,13 +169,13 @@ class Feed:
                     await asyncio.wait_for(self._not_empty.wait(), left)
                 except asyncio.TimeoutError:
                     break
-        epoch, fetch = self._q.popleft()
+        epoch, fetch = self._pop()
         out = [r for recs in fetch.values() for r in recs]
         while self._q and self._q[0][0] == epoch:
             n = sum(len(v) for v in self._q[0][1].values())
             if len(out) + n > max_records:
                 break
-            out += [r for recs in self._q.popleft()[1].values() for r in recs]
+            out += [r for recs in self._pop()[1].values() for r in recs]
         if not self._q:
             self._not_empty.clear()
         self._maybe_resume()
@@ -177,7 +201,7 @@ class Feed:
         loop = asyncio.get_running_loop()
         while True:
             while self._q:
-                for tp, recs in self._q.popleft()[1].items():
+                for tp, recs in self._pop()[1].items():
                     key = (tp[0], tp[1])
                     self._staged.setdefault(key, deque()).extend(recs)
                     self._n_staged += len(recs)
@@ -412,8 +436,8 @@ class BatchTransport(faust_aiokafka.Transport):
 
 def install(app, groups: dict[str, list[str]], max_fetches: dict[str, int] | None = None,
             fetch_max_wait_ms: int | None = None,
-            prefetch_backoff_ms: int | None = None, aligned: dict[str, int] | None = None
-            ) -> dict[str, Feed]:
+            prefetch_backoff_ms: int | None = None, aligned: dict[str, int] | None = None,
+            max_bytes: dict[str, int] | None = None) -> dict[str, Feed]:
     """Give ``app`` the batch transport with one feed per named group of topics; call before
     the app starts. ``aligned``: group name -> wait bound (ms) of the groups whose topics are
     merged in event-time order per partition (:meth:`Feed._take_aligned`; the group's topic
@@ -423,8 +447,10 @@ def install(app, groups: dict[str, list[str]], max_fetches: dict[str, int] | Non
     transport.prefetch_backoff_ms = prefetch_backoff_ms
     bounds = max_fetches or {}
     aligned = aligned or {}
+    max_bytes = max_bytes or {}
     feeds = {name: Feed(topics, bounds.get(name, 16), align=name in aligned,
-                        align_max_wait_ms=aligned.get(name, 1000))
+                        align_max_wait_ms=aligned.get(name, 1000),
+                        max_bytes=max_bytes.get(name))
              for name, topics in groups.items()}
     transport.feeds = {t: f for f in feeds.values() for t in f.topics}
     app.transport = transport

@@ -82,9 +82,13 @@ class Settings(BaseSettings):
     clickhouse_dsn: str = Field("", description="chdb:///path (embedded) or http(s)://user:pw@"
                                 "host:8123/db; default: chdb under data_dir")
     sink_batch_rows: int = Field(1000, ge=1)
-    sink_buffer: int = Field(16, ge=2, description="fetches (one per partition and poll) "
+    sink_buffer: int = Field(64, ge=2, description="fetches (one per partition and poll) "
                              "queued for each sink agent; when full (ClickHouse down), fetching "
-                             "pauses for those partitions only and their records wait in Kafka")
+                             "pauses for those partitions only and their records wait in Kafka. "
+                             "High enough that a batch fills for sink_batch_ms: each insert "
+                             "has a fixed cost")
+    sink_buffer_mb: int = Field(64, ge=1, description="the same bound in megabytes of queued "
+                                "records (a catch-up fetches large batches)")
     sink_batch_ms: int = Field(1000, ge=1)
     snapshot_ttl_days: int = Field(90, ge=1)
     scenario_pnl: bool = Field(False, description="store per-scenario P&L per account")

@@ -315,3 +315,26 @@ def test_a_log_emptied_by_retention_counts_as_read_where_the_reset_put_the_consu
         return await asyncio.wait_for(feed.take(10), 1)
     _, batch = asyncio.run(run())
     assert _offsets(batch) == [("trades", 0, 0)]
+
+
+def test_a_feed_bounded_in_bytes_pauses_when_its_records_fill_the_bound():
+    """The sink's feeds: many small fetches fit (a batch fills for its time window), while a
+    few large ones (a catch-up) fill the byte bound first; taking them resumes at half."""
+    def fetch(partition, offset, size):
+        return {TP("t", partition): [SimpleNamespace(topic="t", partition=partition,
+                                                     offset=offset, value=b"x" * size)]}
+
+    async def run():
+        c = _Consumer()
+        feed = Feed(["t"], max_fetches=64, max_bytes=1000)
+        for o in range(20):
+            feed.put(0, fetch(0, o, 10), c)       # 200 bytes in 20 fetches: not full
+        small = list(c.calls)
+        feed.put(0, fetch(1, 0, 800), c)          # 1,000 bytes: full, pause
+        paused = list(c.calls)
+        epoch, batch = await feed.take(100)       # everything: resume
+        return small, paused, c.calls, batch
+    small, paused, final, batch = asyncio.run(run())
+    assert small == []
+    assert paused == [("pause", ("t", 1))]
+    assert final == paused + [("resume", ("t", 1))] and len(batch) == 21
