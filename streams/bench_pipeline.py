@@ -941,10 +941,35 @@ def run(events=200_000, accounts=20_000, latency_rate=10_000, latency_seconds=10
         if sink is not None:
             sink.terminate()
             sink.wait(60)
+        _clean_up(s, run_id, data, keep_store="latency_below_saturation" not in result)
         if started:
             kafka("down", port)
     result["fanout"] = fanout()
     return result
+
+
+def _clean_up(settings, run_id: str, data: Path, keep_store: bool) -> None:
+    """Delete the run's topics (its own prefixes: inputs, outputs, Faust's changelogs) and,
+    after a complete run, its embedded ClickHouse stores; the logs stay in ``data``.
+
+    Why: a run leaves about 600 MB in the broker's log and 350 MB of store. Kept, sixteen runs
+    had put 4.8 GB on a local broker. A failed run keeps its store for a look."""
+    import shutil
+
+    from confluent_kafka.admin import AdminClient
+    prefixes = (f"bench{run_id}.", f"benchnaive{run_id}.", f"bench-{run_id}-",
+                f"bench-naive-{run_id}-")
+    try:
+        admin = AdminClient(settings.kafka_conf())
+        names = [t for t in admin.list_topics(timeout=10).topics if t.startswith(prefixes)]
+        for f in (admin.delete_topics(names, operation_timeout=30).values() if names else ()):
+            f.result()
+    except Exception as e:  # noqa: BLE001 - the figures are taken; say what is left
+        print(f"bench: could not delete the run's topics ({e}); prefixes {prefixes}",
+              file=sys.stderr)
+    if not keep_store:
+        for store in data.glob("*/clickhouse"):
+            shutil.rmtree(store, ignore_errors=True)
 
 
 # -- the naive baseline ------------------------------------------------------------------------
