@@ -11,6 +11,7 @@ for the sake of one. The arrays themselves grow geometrically (amortised O(1)).
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 
 import numba as nb
@@ -20,6 +21,8 @@ from .errors import EngineError, InvalidParameter, InvalidPrice, InvalidQuantity
 from .instruments import MAX_ABS_QUANTITY, Kind, Settlement, Universe, check_quantity
 from .margin import MarginResult, run_margin
 from .market import RiskSet
+
+_LITTLE = sys.byteorder == "little"  # the book's float64 bytes are the record's as they are
 
 
 @dataclass(frozen=True)
@@ -211,6 +214,21 @@ class AccountBook:
         end = base + self._v_count[r]
         return list(zip(map(self.universe.ids.__getitem__, self._v_inst[base:end].tolist()),
                         self._v_qty[base:end].tolist(), self._v_cost[base:end].tolist()))
+
+    def position_bytes(self, account: str) -> tuple[list[str], bytes, bytes]:
+        """An account's instruments, and its quantities and costs as the float64 bytes of the
+        book (little-endian), for its compact changelog record: no float is formatted as
+        text, and the record reads back bit for bit."""
+        r = self._row.get(account)
+        if r is None:
+            return [], b"", b""
+        base = self._v_start[r]
+        end = base + self._v_count[r]
+        names = list(map(self.universe.ids.__getitem__, self._v_inst[base:end].tolist()))
+        if _LITTLE:
+            return names, self._v_qty[base:end].tobytes(), self._v_cost[base:end].tobytes()
+        return (names, self.qty[base:end].astype("<f8").tobytes(),
+                self.cost[base:end].astype("<f8").tobytes())
 
     def load(self, account: str, positions) -> None:
         """Replace an account's positions (used when restoring from a table)."""

@@ -42,7 +42,7 @@ from schemas import Codec, ConfluentCodec, SchemaError
 from .feed import install as install_feed
 from .outputs import OutputProducer
 from . import rowblock
-from .processor import Output, Rejected, RiskProcessor, n_rows
+from .processor import Output, Rejected, RiskProcessor, account_from_bytes, n_rows
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -219,8 +219,10 @@ class Pipeline:
     def _build_margin(self, app: faust.App, raw: dict) -> None:
         """The account path: the accounts table and agent, the market reader, the timers."""
         s = self.s
+        # records recover as the bytes persisted (value_type bytes: Faust's raw codec), read by
+        # account_from_bytes in either format; Faust's JSON codec would refuse format 2
         self.table = app.Table("accounts", default=None, partitions=s.partitions,
-                               key_type=bytes, value_type=None)
+                               key_type=bytes, value_type=bytes)
         self.account_topic = app.topic(s.topic("trades"), s.topic("collateral"),
                                        partitions=s.partitions, **raw)
 
@@ -393,8 +395,7 @@ class Pipeline:
         keep, resend = [], []
         for key, rec in self.table.data.items():
             acct = key.decode() if isinstance(key, bytes) else key
-            if isinstance(rec, (bytes, str)):
-                rec = orjson.loads(rec)
+            rec = account_from_bytes(rec) if rec else None  # persisted or recovered bytes
             if rec is None or rec.get("p", -1) not in owned:
                 continue
             keep.append(acct)
@@ -413,8 +414,9 @@ class Pipeline:
             await self.emit(Output(events=resend), resend_only=True)
 
     def persist(self, accts) -> int:
-        """Queue the accounts' records (JSON, encoded here once) for the table's changelog, on
-        each account's own partition, and mirror them in the table's local store; the caller
+        """Queue the accounts' records (encoded here once, see
+        :meth:`RiskProcessor.account_record_bytes`) for the table's changelog, on each
+        account's own partition, and mirror them in the table's local store; the caller
         flushes to make them durable. Returns how many were written.
 
         Records go to the output producer rather than through the table's ``send_soon``
@@ -428,18 +430,17 @@ class Pipeline:
         collection walked them all: 0.2 to 0.3 s pauses of the event loop."""
         proc = self.processor
         n = 0
-        dumps = orjson.dumps
-        opt = orjson.OPT_SERIALIZE_NUMPY
+        encode = proc.account_record_bytes
+        part = proc.partition
         send = self.out.send
         local = self.table.data.data  # the memory store's dict (no per-key hooks to run)
         topic = self.table.changelog_topic.get_topic_name()
         for a in accts:
-            rec = proc.account_record(a)
-            p = rec["p"]
+            p = part.get(a, -1)
             if p < 0:
                 continue
             key = a.encode()
-            value = dumps(rec, option=opt)
+            value = encode(a)
             local[key] = value  # bytes: no objects for the collector to walk (see docstring)
             send(topic, key, value, p)
             n += 1

@@ -733,7 +733,6 @@ def in_process(ins, quotes, warmup, load, n=60_000, batch=2000) -> dict:
     E.warm_up()
     codec = Codec()
     proc = _processor(ins, quotes, 1000)
-    dumps, opt = orjson.dumps, orjson.OPT_SERIALIZE_NUMPY
     timed = [r for r in load if r[0] != "quotes"][:n]
 
     def apply(recs, first):
@@ -742,7 +741,7 @@ def in_process(ins, quotes, warmup, load, n=60_000, batch=2000) -> dict:
                    for k, (t, _, v) in enumerate(recs[lo:lo + batch])]
             out = proc.apply_account_events(dec)
             for a in out.touched:
-                dumps(proc.account_record(a), option=opt)
+                proc.account_record_bytes(a)
             for table, cols in (("risk_snapshots", out.snapshots),
                                 ("exposures", out.exposures)):
                 encode_rows(table, cols)

@@ -3,14 +3,12 @@
 without hypothetical trades. Read-only: nothing is published."""
 from __future__ import annotations
 
-import json
-
 from confluent_kafka import Consumer, TopicPartition
 
 import engine as E
 from schemas import Codec
 
-from .processor import RiskProcessor
+from .processor import RiskProcessor, account_from_bytes
 from .settings import Settings
 
 
@@ -58,7 +56,7 @@ def what_if(s: Settings, account: str, trades: list[tuple[str, float, float]]) -
 
     def account_rec(m):
         if m.key() == account.encode():
-            found["rec"] = json.loads(m.value()) if m.value() else None
+            found["rec"] = account_from_bytes(m.value()) if m.value() else None
     _read_all(s, f"{s.app_id}-accounts-changelog", account_rec)
     if not found.get("rec"):
         raise ValueError(f"account {account!r} has no state yet (no trades or deposits seen)")

@@ -17,6 +17,7 @@ from confluent_kafka import Consumer, TopicPartition
 
 from schemas import Codec
 from streams import rowblock
+from streams.processor import account_from_bytes
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -123,7 +124,7 @@ class TopicReader:
 
 
 class ChangelogReader:
-    """Reads the accounts table changelog (JSON values keyed by account)."""
+    """Reads the accounts table changelog (account records keyed by account, as dicts)."""
 
     def __init__(self, settings):
         self.topic = f"{settings.app_id}-accounts-changelog"
@@ -134,7 +135,7 @@ class ChangelogReader:
 
     def poll(self, seconds=0.3):
         for m in _messages(self.c, seconds):
-            self.state[m.key().decode()] = json.loads(m.value()) if m.value() else None
+            self.state[m.key().decode()] = account_from_bytes(m.value()) if m.value() else None
         return self.state
 
     def wait_applied(self, account, topic, offset, timeout=60):
