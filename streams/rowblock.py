@@ -112,6 +112,8 @@ def column_rows(table: str, cols: dict, idx=None) -> list[list]:
 
 
 def cell(col, v):
+    """A column's value as ClickHouse's Python client and JSON take it: plain Python numbers,
+    ``ts`` (epoch milliseconds) as an aware datetime."""
     if isinstance(v, np.generic):
         v = v.item()
     if col == "ts" and isinstance(v, (int, float)):
