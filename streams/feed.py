@@ -441,7 +441,8 @@ def install(app, groups: dict[str, list[str]], max_fetches: dict[str, int] | Non
     """Give ``app`` the batch transport with one feed per named group of topics; call before
     the app starts. ``aligned``: group name -> wait bound (ms) of the groups whose topics are
     merged in event-time order per partition (:meth:`Feed._take_aligned`; the group's topic
-    order breaks ties). Returns the feeds by name."""
+    order breaks ties). ``max_bytes``: group name -> the bound in bytes of record values of
+    the groups bounded in bytes too (see :class:`Feed`). Returns the feeds by name."""
     transport = BatchTransport(app.conf.broker_consumer, app)
     transport.fetch_max_wait_ms = fetch_max_wait_ms
     transport.prefetch_backoff_ms = prefetch_backoff_ms
