@@ -200,7 +200,8 @@ class Pipeline:
             groups["sink-events"] = [s.topic("margin-calls")]
         sinks = ("sink-snapshots", "sink-events")
         self.feeds = install_feed(app, groups, {g: s.sink_buffer for g in sinks},
-                                  fetch_max_wait_ms=s.fetch_max_wait_ms,
+                                  fetch_max_wait_ms=(s.fetch_max_wait_ms if self.margin_role
+                                                     else s.sink_fetch_max_wait_ms),
                                   prefetch_backoff_ms=s.prefetch_backoff_ms,
                                   aligned={"accounts": s.align_max_wait_ms},
                                   max_bytes={g: s.sink_buffer_mb << 20 for g in sinks})

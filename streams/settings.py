@@ -60,6 +60,10 @@ class Settings(BaseSettings):
     fetch_max_wait_ms: int = Field(20, ge=1, le=1500, description="longest the broker holds a "
                                    "fetch of the worker's topics waiting for data; while it "
                                    "does, no other partition of that broker is fetched")
+    sink_fetch_max_wait_ms: int = Field(500, ge=1, le=1500, description="the same for a "
+                                        "sink process (--role sink), whose batches wait up to "
+                                        "sink_batch_ms anyway: polling every 20 ms cost an "
+                                        "idle sink and the broker about 3% of a CPU each")
     prefetch_backoff_ms: int = Field(10, ge=0, le=1000, description="longest the worker's "
                                      "consumer waits for fetched records to be taken before "
                                      "fetching other partitions of the same broker")

@@ -338,3 +338,20 @@ def test_a_feed_bounded_in_bytes_pauses_when_its_records_fill_the_bound():
     assert small == []
     assert paused == [("pause", ("t", 1))]
     assert final == paused + [("resume", ("t", 1))] and len(batch) == 21
+
+
+def test_a_sink_process_polls_the_broker_less_often_than_a_margin_worker(tmp_path):
+    """A sink process's batches wait up to a second anyway, so its consumer lets the broker
+    hold an empty fetch for 500 ms instead of 20 (an idle sink polling every 20 ms cost it
+    and the broker about 3% of a CPU each); any process with the account path keeps 20."""
+    from streams.app import Pipeline
+    from streams.settings import Settings
+    from streams.store import make_sink
+
+    waits = {}
+    for role in ("margin", "sink", "all"):
+        s = Settings(role=role, data_dir=tmp_path / role,
+                     clickhouse_dsn=f"chdb://{tmp_path / role / 'ch'}")
+        sink = make_sink(s) if role != "margin" else None
+        waits[role] = Pipeline(s, sink).app.transport.fetch_max_wait_ms
+    assert waits == {"margin": 20, "sink": 500, "all": 20}
