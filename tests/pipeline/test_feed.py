@@ -353,5 +353,7 @@ def test_a_sink_process_polls_the_broker_less_often_than_a_margin_worker(tmp_pat
         s = Settings(role=role, data_dir=tmp_path / role,
                      clickhouse_dsn=f"chdb://{tmp_path / role / 'ch'}")
         sink = make_sink(s) if role != "margin" else None
-        waits[role] = Pipeline(s, sink).app.transport.fetch_max_wait_ms
+        pipe = Pipeline(s, sink)
+        waits[role] = pipe.app.transport.fetch_max_wait_ms
+        pipe.out.producer = None  # never started: no client left trying to reach a broker
     assert waits == {"margin": 20, "sink": 500, "all": 20}
