@@ -28,7 +28,6 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import numpy as np
-import orjson
 
 from . import rowblock
 from .settings import REPO, Settings

@@ -86,12 +86,19 @@ def encode(table: str, cols: dict, chunk: int = 2000
     (:func:`messages`), and (row, reason) of the others, for the dead-letter topic."""
     if not len(cols.get("account", ())):
         return [], []
+    cols, rejected = valid(table, cols)
+    return messages(table, cols, chunk), rejected
+
+
+def valid(table: str, cols: dict) -> tuple[dict, list[tuple[list, str]]]:
+    """``cols`` without the rows ``table`` cannot hold (:func:`invalid_rows`), and (row,
+    reason) of those."""
     bad = invalid_rows(table, cols)
     if not bad:
-        return messages(table, cols, chunk), []
+        return cols, []
     ks = sorted(bad)
     rejected = list(zip(column_rows(table, cols, ks), (bad[k] for k in ks)))
-    return messages(table, without_rows(cols, bad), chunk), rejected
+    return without_rows(cols, bad), rejected
 
 
 def without_rows(cols: dict, drop) -> dict:

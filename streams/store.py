@@ -301,11 +301,13 @@ class ClickHouseSink:
     async def blocks(self, table: str, cols: dict) -> Blocks:
         """The rows of ``cols`` that ``table`` can hold as one Native block; the others go to
         ``on_rejected`` with the reason."""
-        msgs, rejected = rowblock.encode(table, cols, chunk=max(1, len(cols.get("account", ()))))
+        if not len(cols.get("account", ())):
+            return Blocks()
+        cols, rejected = rowblock.valid(table, cols)
         for row, why in rejected:
             if self.on_rejected:
                 await self.on_rejected(table, row, why)
-        return Blocks(rowblock.split(v)[1] for _, v in msgs)
+        return Blocks([rowblock.block(table, cols)] if len(cols["account"]) else [])
 
     async def write_messages(self, values, source: str) -> None:
         """Store a batch of internal ``risk-snapshots`` messages: one insert per table, of
