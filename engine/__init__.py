@@ -38,7 +38,8 @@ __all__ = [
 
 def warm_up() -> None:
     """Load (or compile) every kernel variant once, on a two-instrument book: serial and
-    parallel margin, with and without scenario P&L, the risk arrays and the batch of fills.
+    parallel margin, with and without scenario P&L, the risk arrays and the batches of fills
+    and of balance changes.
     Numba loads each compiled variant from its cache on first call (a few hundred ms); a
     long-running process calls this at start so its first live events do not pay for it."""
     import numpy as np
@@ -56,6 +57,7 @@ def warm_up() -> None:
         book.apply_collateral(f"a{k}", "USD", 1_000.0)
         book.apply_trade(f"a{k}", "W-PERP" if k % 2 else "W-C", 1.0, 100.0)
     book.apply_trades([(f"a{k}", "W-PERP", -1.0, 101.0, 0.1) for k in range(300)])
+    book.apply_collaterals([(f"a{k}", "USD", 1.0) for k in range(300)])
     rs = mkt.risk_set(now_ms)
     rows = np.arange(len(book.ids), dtype=np.int64)
     for parallel in (False, True):

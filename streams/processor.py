@@ -302,59 +302,57 @@ class RiskProcessor:
         touched = out.touched
         accts: list[str] = []      # accounts applied, in order, with their trigger, time and
         triggers: list[str] = []   # source record (one each: a round holds one event per
-        ts_ms: list[int] = []      # account)
-        sources: dict[str, list[dict]] = {}
+        ts_ms: list[int] = []      # account), the source as (topic, partition, offset): a
+        sources: list[tuple] = []  # margin event's dicts are made for the few that change state
         offsets, partitions, book = self.offsets, self.partition, self.book
-        # replays set aside first; the round's fills then go to the book in one call (its
-        # accounts are distinct, so the order of trades and collateral changes between
-        # accounts does not matter), and outcomes are taken in input order
+        # replays set aside first; the round's fills and balance changes then go to the book
+        # in one call each (its accounts are distinct, so the order of trades and collateral
+        # changes between accounts does not matter), and outcomes are taken in input order
         todo = []
         fills = []
+        changes = []
         for ev in events:
-            acct = ev[1]["account"]
+            rec = ev[1]
+            acct = rec["account"]
             seen = offsets.get(acct)
             if seen is None:
                 seen = offsets[acct] = {}
             elif ev[4] <= seen.get(ev[2], -1):
                 continue  # replay of an already applied record
             if ev[0] == "Trade":
-                rec = ev[1]
                 fills.append((acct, rec["instrument"], rec["quantity"], rec["price"],
                               rec.get("fee") or 0.0))
+            else:
+                changes.append((acct, rec["asset"], rec["amount"]))
             todo.append((ev, seen))
-        failed = dict(book.apply_trades(fills))
-        f = 0
+        failed = dict(book.apply_trades(fills)) if fills else {}
+        failed_c = dict(book.apply_collaterals(changes)) if changes else {}
+        f = c = 0
         for (name, rec, topic, partition, offset), seen in todo:
             acct = rec["account"]
             if name == "Trade":
-                err = failed.get(f)
+                err = failed.get(f) if failed else None
                 f += 1
                 trigger = "TRADE"
             else:
-                try:
-                    book.apply_collateral(acct, rec["asset"], rec["amount"])
-                    err = None
-                except E.EngineError as e:
-                    err = e
+                err = failed_c.get(c) if failed_c else None
+                c += 1
                 trigger = "COLLATERAL"
+            seen[topic] = offset
+            touched.add(acct)
             if err is not None:
                 out.rejected.append(Rejected(topic, partition, offset, type(err).__name__,
                                              str(err)))
-                seen[topic] = offset
                 partitions.setdefault(acct, partition)
-                touched.add(acct)
                 continue
-            seen[topic] = offset
             partitions[acct] = partition
             accts.append(acct)
             triggers.append(trigger)
-            ts_ms.append(_ms(rec["ts"]))
-            sources[acct] = [{"topic": topic, "partition": partition, "offset": offset}]
-            touched.add(acct)
+            ts = rec["ts"]
+            ts_ms.append(ts if ts.__class__ is int else _ms(ts))
+            sources.append((topic, partition, offset))
         if accts:
-            row = book.row
-            rows = np.fromiter((row(a) for a in accts), dtype=np.int64, count=len(accts))
-            out.extend(self._remargin(rows, triggers, sources, ts_ms))
+            out.extend(self._remargin(book.rows_of(accts), triggers, sources, ts_ms))
         return out
 
     def remargin_underlyings(self, underlyings, trigger: str = "QUOTE") -> Output:
@@ -381,7 +379,7 @@ class RiskProcessor:
         market time ``t``)."""
         if rows.size == 0:
             return Output()
-        return self._remargin(rows, [trigger] * rows.size, {}, [t] * rows.size)
+        return self._remargin(rows, [trigger] * rows.size, None, [t] * rows.size)
 
     def start_tick(self) -> tuple[list[str], np.ndarray, int] | None:
         """Begin a market tick: risk arrays recomputed once for every quote received since
@@ -463,7 +461,7 @@ class RiskProcessor:
             return Output()
         part = res if idx.size == res.rows.size else res.take(idx)
         n = idx.size
-        return self._remargin(part.rows, [trigger] * n, {}, [t] * n, res=part,
+        return self._remargin(part.rows, [trigger] * n, None, [t] * n, res=part,
                               snap=np.ones(n, dtype=np.bool_))
 
     @staticmethod
@@ -486,7 +484,7 @@ class RiskProcessor:
         if rows.size == 0:
             return Output()
         n = rows.size
-        return self._remargin(rows, ["QUOTE"] * n, {}, [t] * n, snap=self._tick_snapshots)
+        return self._remargin(rows, ["QUOTE"] * n, None, [t] * n, snap=self._tick_snapshots)
 
     def stress(self, worker: str, per_account: dict | None = None) -> list[list]:
         """Exchange-wide stress of this worker's accounts: for each underlying and scenario, how
@@ -521,7 +519,8 @@ class RiskProcessor:
         """Margin ``rows`` (or take ``res``, their margin at the current risk set) and derive
         states, margin events and snapshots (of the rows due one, or as ``snap`` says: a mask,
         or a function of (rows, new states, previous states) giving one, as a market tick
-        chooses them: :meth:`_tick_snapshots`)."""
+        chooses them: :meth:`_tick_snapshots`). ``sources``: the (topic, partition, offset) of
+        each row's input record, or None (a market move)."""
         out = Output()
         rs = self.risk_set()
         if res is None:
@@ -544,7 +543,8 @@ class RiskProcessor:
             self._state_arr[rows[k]] = new[k]
             out.touched.add(a)
             out.events.append(self._event(a, seq, int(prev[k]), int(new[k]), res, k, ratio,
-                                          short, triggers[k], sources.get(a, []), ts_ms[k], rs))
+                                          short, triggers[k], _source(sources, k), ts_ms[k],
+                                          rs))
         if snap is None:
             snap = (new != prev) | _window_passed(rows, self._last_snap[rows], now,
                                                   self.snapshot_interval_ms)
@@ -718,6 +718,15 @@ def _window_passed(rows: np.ndarray, last: np.ndarray, now: float, interval: int
         return np.ones(rows.shape[0], dtype=np.bool_)
     phase = np.modf(rows * _PHASE)[0] * interval
     return np.floor((now + phase) / interval) != np.floor((last + phase) / interval)
+
+
+def _source(sources, k) -> list[dict]:
+    """A margin event's ``sources``: the input record behind row ``k`` of a re-margin
+    (``sources``: (topic, partition, offset) per row, or None for a market move)."""
+    if sources is None:
+        return []
+    topic, partition, offset = sources[k]
+    return [{"topic": topic, "partition": partition, "offset": offset}]
 
 
 def _pick(seq, idx) -> list:

@@ -102,3 +102,82 @@ def test_a_fill_left_to_the_slow_path_keeps_its_accounts_order():
     assert slow == [fills[0], fills[2], fills[4]]  # in order; "old" went through the kernel
     assert _state(many) == _state(one)
     assert many.get("new", "BTC-PERP") == (0.0, 0.0)  # flat after +1, -2, +1
+
+
+def _changes(rng, n, accts, assets):
+    """Random balance changes: deposits, withdrawals (some to exactly zero, freeing the slot),
+    new accounts and assets, and bad ones (NaN, infinite, absurd amounts, and withdrawals
+    past the limit)."""
+    out = []
+    for _ in range(n):
+        a = accts[int(rng.integers(len(accts)))]
+        asset = assets[int(rng.integers(len(assets)))]
+        # dyadic amounts sum exactly, so balances often come back to exactly zero
+        amt = float(rng.choice([-1_000.0, -250.5, -0.5, 0.0, 0.5, 250.5, 1_000.0]))
+        bad = rng.random()
+        if bad < 0.01:
+            amt = math.nan
+        elif bad < 0.02:
+            amt = -math.inf
+        elif bad < 0.03:
+            amt = 2e9
+        elif bad < 0.04:
+            amt = -9.9e8  # within the limit, but not the balance it leaves
+        out.append((a, asset, amt))
+    return out
+
+
+@pytest.mark.parametrize("capacity,seed", [(1, 5), (2, 6), (8, 7)])
+def test_balance_batches_build_the_same_book_as_one_by_one(capacity, seed):
+    uni_one, uni_many = make_universe(), make_universe()
+    rng = np.random.default_rng(seed)
+    assets = ["USD", "USDT", "BTC", "ETH", "DOGE", "SOL"]  # the last two are new assets
+    accts = [f"a{k}" for k in range(50)]
+    changes = _changes(rng, 5000, accts, assets)
+    one, many = E.AccountBook(uni_one, capacity=capacity), E.AccountBook(uni_many,
+                                                                          capacity=capacity)
+    for a in accts[:30]:
+        for b in (one, many):
+            b.apply_collateral(a, "USD", 1_000.0)
+            b.apply_trade(a, "BTC-PERP", 0.5, 60_000.0, 1.0)
+    expected = {}
+    freed = 0
+    for k, c in enumerate(changes):
+        held = one.get(c[0], c[1]) != (0.0, 0.0)
+        try:
+            one.apply_collateral(*c)
+        except E.EngineError as err:
+            expected[k] = (type(err), str(err))
+        freed += held and one.get(c[0], c[1]) == (0.0, 0.0)
+    got = {}
+    lo = 0
+    while lo < len(changes):
+        size = int(rng.integers(1, 300))
+        for k, err in many.apply_collaterals(changes[lo:lo + size]):
+            got[lo + k] = (type(err), str(err))
+        lo += size
+    assert got == expected
+    assert len(expected) > 50
+    assert _state(many) == _state(one)
+    assert [i.id for i in uni_many.instruments] == [i.id for i in uni_one.instruments]
+    assert capacity >= 6 or many.count.max() > capacity  # rows outgrew their regions
+    assert freed > 20  # balances went back to exactly zero (their slot freed) along the way
+
+
+def test_a_balance_change_left_to_the_slow_path_keeps_its_accounts_order():
+    uni = make_universe()
+    one, many = E.AccountBook(uni), E.AccountBook(uni)
+    for b in (one, many):
+        b.apply_collateral("old", "USD", 1_000.0)
+    changes = [("new", "USD", 5.0), ("old", "USD", -1_000.0), ("new", "USD", -2.0),
+               ("old", "BTC", 0.25), ("new", "USD", 1.0)]
+    for c in changes:
+        one.apply_collateral(*c)
+    slow = []
+    one_by_one = many.apply_collateral
+    many.apply_collateral = lambda *c: slow.append(c) or one_by_one(*c)
+    assert many.apply_collaterals(changes) == []
+    assert slow == [changes[0], changes[2], changes[4]]
+    assert _state(many) == _state(one)
+    assert many.get("new", "USD") == (4.0, 0.0)
+    assert many.get("old", "USD") == (0.0, 0.0)  # withdrawn to zero: the slot is free
