@@ -215,8 +215,11 @@ class Codec:
                                                         for n, fp in self._fp.items()}
         self._writers_millis = {fp: (n, self.current_millis[n]) for n, fp in self._fp.items()}
         # straight-line readers of current-version records, timestamps as millis (the
-        # worker's per-event path); None where the schema is not covered (see fastread)
-        self._fast = {fp: compile_reader(self.current_millis[n]) for n, fp in self._fp.items()}
+        # worker's per-event path), by the whole 10-byte header, with the record name; a schema
+        # the generator does not cover (see fastread) has none
+        readers = {n: compile_reader(self.current_millis[n]) for n in self._fp}
+        self._fast = {MAGIC + fp: (n, readers[n]) for n, fp in self._fp.items()
+                      if readers[n] is not None}
         hist = HERE / "history"
         if hist.is_dir():
             for vdir in sorted(p.name for p in hist.iterdir() if p.is_dir()):
@@ -254,6 +257,21 @@ class Codec:
         wire) rather than ``datetime``. For a caller that needs the number anyway, such as the
         worker's account path: building the ``datetime`` and converting it back took ~40% of
         the decoding time."""
+        if millis and data.__class__ is bytes:
+            # the worker's per-event path: a current-version record its reader accepts
+            # whole needs none of the framing checks below (each would pass); a record it
+            # refuses goes the full way, where fastavro names the error (0.3 us a record less
+            # than the checks first: 2.6 -> 2.3 us for the bench's trades)
+            hit = self._fast.get(data[:10])
+            if hit is not None and (expect is None or expect == hit[0]):
+                try:
+                    rec, end = hit[1](data, 10)
+                except Exception:  # noqa: BLE001 - re-read below, by fastavro
+                    end = -1
+                if end == len(data):
+                    if self.validate_domain:
+                        validate(hit[0], rec)
+                    return hit[0], rec
         if not isinstance(data, (bytes, bytearray, memoryview)) or len(data) < 10:
             raise CorruptPayload(f"payload of {0 if data is None else len(data)} bytes is too "
                                  "short for single-object encoding")
@@ -268,19 +286,8 @@ class Codec:
                                      value=fp.hex()) from None
         if expect is not None and name != expect:
             raise WrongRecordType(f"expected {expect}, got {name}", record=name)
-        rec = None
-        fast = self._fast.get(fp) if millis else None
-        if fast is not None:
-            try:
-                rec, end = fast(data, 10)
-            except Exception:  # noqa: BLE001 - fastavro below re-reads it and names the error
-                rec = None
-            else:
-                if end != len(data):
-                    rec = None
-        if rec is None:
-            rec = self._read(name, writer, data[10:],
-                             (self.current_millis if millis else self.current)[name])
+        rec = self._read(name, writer, data[10:],
+                         (self.current_millis if millis else self.current)[name])
         if self.validate_domain:
             validate(name, rec)
         return name, rec

@@ -108,8 +108,12 @@ def test_codec_errors_are_fastavros():
     slow._fast = {}
     good = codec.encode("Trade", dict(trade_id="t1", account="a", instrument="BTC-PERP",
                                       quantity=1.0, price=1.0, fee=0.0, ts=0))
+    out_of_domain = S.Codec(validate_domain=False).encode(
+        "Trade", dict(trade_id="t1", account="a", instrument="BTC-PERP", quantity=1.0,
+                      price=float("nan"), fee=0.0, ts=0))
     bad = [good[:-3], good + b"\x00", good[:10] + b"\x7f" + good[11:],
-           good[:10] + b"\x03" + good[11:]]  # truncated, trailing, negative/odd lengths
+           good[:10] + b"\x03" + good[11:],  # truncated, trailing, negative/odd lengths
+           out_of_domain]  # read whole, then refused by its domain check
     for data in bad:
         errors = []
         for c in (codec, slow):
