@@ -202,6 +202,8 @@ class Pipeline:
         self.feeds = install_feed(app, groups, {g: s.sink_buffer for g in sinks},
                                   fetch_max_wait_ms=(s.fetch_max_wait_ms if self.margin_role
                                                      else s.sink_fetch_max_wait_ms),
+                                  fetch_min_bytes=(1 if self.margin_role
+                                                   else s.sink_fetch_min_bytes),
                                   prefetch_backoff_ms=s.prefetch_backoff_ms,
                                   aligned={"accounts": s.align_max_wait_ms},
                                   max_bytes={g: s.sink_buffer_mb << 20 for g in sinks})

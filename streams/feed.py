@@ -394,7 +394,8 @@ class BatchConsumer(faust_aiokafka.Consumer):
 
 
 class BatchConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
-    """Faust's consumer thread with two fetcher waits bounded.
+    """Faust's consumer thread with two fetcher waits bounded, and the bytes a fetch waits for
+    set (``fetch_min_bytes``: a sink process's fetches wait to fill, the worker's do not).
 
     Why: the fetcher sends one fetch request per broker at a time, and skips partitions that
     still hold fetched records the worker has not taken yet.
@@ -422,6 +423,9 @@ class BatchConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
         wait_ms = getattr(transport, "fetch_max_wait_ms", None)
         if wait_ms is not None:
             consumer._fetch_max_wait_ms = int(wait_ms)  # read when the consumer starts
+        min_bytes = getattr(transport, "fetch_min_bytes", None)
+        if min_bytes is not None:
+            consumer._fetch_min_bytes = int(min_bytes)  # likewise
         return consumer
 
 
@@ -431,20 +435,24 @@ class BatchTransport(faust_aiokafka.Transport):
     Consumer = BatchConsumer
     feeds: dict | None = None
     fetch_max_wait_ms: int | None = None
+    fetch_min_bytes: int | None = None
     prefetch_backoff_ms: int | None = None
 
 
 def install(app, groups: dict[str, list[str]], max_fetches: dict[str, int] | None = None,
-            fetch_max_wait_ms: int | None = None,
+            fetch_max_wait_ms: int | None = None, fetch_min_bytes: int | None = None,
             prefetch_backoff_ms: int | None = None, aligned: dict[str, int] | None = None,
             max_bytes: dict[str, int] | None = None) -> dict[str, Feed]:
     """Give ``app`` the batch transport with one feed per named group of topics; call before
     the app starts. ``aligned``: group name -> wait bound (ms) of the groups whose topics are
     merged in event-time order per partition (:meth:`Feed._take_aligned`; the group's topic
     order breaks ties). ``max_bytes``: group name -> the bound in bytes of record values of
-    the groups bounded in bytes too (see :class:`Feed`). Returns the feeds by name."""
+    the groups bounded in bytes too (see :class:`Feed`). ``fetch_max_wait_ms``,
+    ``fetch_min_bytes`` and ``prefetch_backoff_ms``: see :class:`BatchConsumerThread` (None:
+    the client's own). Returns the feeds by name."""
     transport = BatchTransport(app.conf.broker_consumer, app)
     transport.fetch_max_wait_ms = fetch_max_wait_ms
+    transport.fetch_min_bytes = fetch_min_bytes
     transport.prefetch_backoff_ms = prefetch_backoff_ms
     bounds = max_fetches or {}
     aligned = aligned or {}

@@ -64,6 +64,12 @@ class Settings(BaseSettings):
                                         "sink process (--role sink), whose batches wait up to "
                                         "sink_batch_ms anyway: polling every 20 ms cost an "
                                         "idle sink and the broker about 3% of a CPU each")
+    sink_fetch_min_bytes: int = Field(1 << 20, ge=1, le=50 << 20, description="bytes a "
+                                      "sink process's fetch waits for (up to "
+                                      "sink_fetch_max_wait_ms) before the broker answers: "
+                                      "under load each fetch otherwise returned a message or "
+                                      "two, and the fetch round trips were most of the sink's "
+                                      "interpreter time")
     prefetch_backoff_ms: int = Field(10, ge=0, le=1000, description="longest the worker's "
                                      "consumer waits for fetched records to be taken before "
                                      "fetching other partitions of the same broker")

@@ -342,8 +342,9 @@ def test_a_feed_bounded_in_bytes_pauses_when_its_records_fill_the_bound():
 
 def test_a_sink_process_polls_the_broker_less_often_than_a_margin_worker(tmp_path):
     """A sink process's batches wait up to a second anyway, so its consumer lets the broker
-    hold an empty fetch for 500 ms instead of 20 (an idle sink polling every 20 ms cost it
-    and the broker about 3% of a CPU each); any process with the account path keeps 20."""
+    hold a fetch for 500 ms instead of 20 (an idle sink polling every 20 ms cost it and the
+    broker about 3% of a CPU each) until 1 MiB has arrived (under load, each fetch returned a
+    message or two); any process with the account path keeps 20 ms and answers at once."""
     from streams.app import Pipeline
     from streams.settings import Settings
     from streams.store import make_sink
@@ -354,6 +355,11 @@ def test_a_sink_process_polls_the_broker_less_often_than_a_margin_worker(tmp_pat
                      clickhouse_dsn=f"chdb://{tmp_path / role / 'ch'}")
         sink = make_sink(s) if role != "margin" else None
         pipe = Pipeline(s, sink)
-        waits[role] = pipe.app.transport.fetch_max_wait_ms
+
+        async def consumer_of(app):  # the aiokafka consumer the process would start
+            return app.consumer._new_consumer_thread()._create_worker_consumer(app.transport)
+
+        consumer = asyncio.run(consumer_of(pipe.app))
+        waits[role] = (consumer._fetch_max_wait_ms, consumer._fetch_min_bytes)
         pipe.out.producer = None  # never started: no client left trying to reach a broker
-    assert waits == {"margin": 20, "sink": 500, "all": 20}
+    assert waits == {"margin": (20, 1), "sink": (500, 1 << 20), "all": (20, 1)}
