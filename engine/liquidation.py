@@ -13,9 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-import numpy as np
-
-from .book import AccountBook, Position
+from .book import AccountBook
 from .instruments import Kind, Settlement
 from .market import RiskSet
 from .params import StateThresholds

@@ -499,7 +499,7 @@ def _append_time(settings) -> None:
 def _appended(settings, start: list, codec) -> dict:
     """(account, event time ms) -> earliest broker append time (ms) of the input records
     from offsets ``start`` on (read after the run, so it costs the measured run nothing)."""
-    from confluent_kafka import Consumer, TopicPartition
+    from confluent_kafka import Consumer
     c = Consumer({**settings.kafka_conf(), "group.id": f"lat-in-{uuid.uuid4().hex[:6]}",
                   "enable.auto.commit": False})
     ends = {(tp.topic, tp.partition): c.get_watermark_offsets(tp, timeout=10)[1]
@@ -878,7 +878,6 @@ def run(events=200_000, accounts=20_000, latency_rate=10_000, latency_seconds=10
         ins = _instruments()
         mkt = Market(ins, T0, 1)
         quotes = mkt.quotes(T0)
-        marks = {q[0]: q[1] for q in quotes}
         _publish_reference(Publisher(s), ins, quotes)
         recs = _workload(events + accounts, accounts, ins, quotes, quote_share=quote_share)
         warmup, load = recs[:accounts], recs[accounts:]
@@ -979,7 +978,6 @@ def naive_worker() -> None:
     transitions. Same engine, same topics, its own group."""
     import faust
 
-    import engine as E
     from schemas import Codec
     from .processor import RiskProcessor
     from .settings import load_settings

@@ -531,7 +531,6 @@ class RiskProcessor:
         new = E.classify(prev, res.equity, res.im, res.mm, self.thresholds)
         ratio = res.margin_ratio
         short = res.shortfall
-        unds = self.universe.underlyings
         now = self.clock() * 1000
         changed = np.flatnonzero(new != prev)
         for k in changed:

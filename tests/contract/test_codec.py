@@ -2,7 +2,6 @@
 import struct
 from datetime import datetime, timezone
 
-import fastavro
 import pytest
 from fastavro.schema import fingerprint, to_parsing_canonical_form
 

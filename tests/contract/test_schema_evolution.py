@@ -6,7 +6,6 @@ from pathlib import Path
 import fastavro
 import pytest
 
-import schemas
 from schemas.codec import HERE, RECORDS, load_schemas
 
 VERSIONS = sorted(p.name for p in (HERE / "history").iterdir() if p.is_dir())

@@ -1,7 +1,6 @@
 """Bad input through the real broker and a real worker: every bad record lands in
 dead-letters with its reason and original bytes, good records keep flowing, the worker lives."""
 import math
-from datetime import datetime, timezone
 
 import pytest
 
