@@ -325,17 +325,17 @@ class RiskProcessor:
             else:
                 changes.append((acct, rec["asset"], rec["amount"]))
             todo.append((ev, seen))
-        failed = dict(book.apply_trades(fills)) if fills else {}
-        failed_c = dict(book.apply_collaterals(changes)) if changes else {}
+        failed = dict(book.apply_trades(fills))
+        failed_c = dict(book.apply_collaterals(changes))
         f = c = 0
         for (name, rec, topic, partition, offset), seen in todo:
             acct = rec["account"]
             if name == "Trade":
-                err = failed.get(f) if failed else None
+                err = failed.get(f)
                 f += 1
                 trigger = "TRADE"
             else:
-                err = failed_c.get(c) if failed_c else None
+                err = failed_c.get(c)
                 c += 1
                 trigger = "COLLATERAL"
             seen[topic] = offset

@@ -83,22 +83,30 @@ def test_batches_build_the_same_book_as_one_by_one(capacity, seed):
     assert many.count.max() > capacity  # rows outgrew their regions along the way
 
 
-def test_a_fill_left_to_the_slow_path_keeps_its_accounts_order():
-    """A fill the kernel leaves over (here: a new account) takes every later fill of its
-    account with it; other accounts' fills around it are applied by the kernel."""
+def _through_the_slow_path(single: str, batch: str, items):
+    """``items`` applied one by one (method ``single``) to one book and as a batch (method
+    ``batch``) to another, both holding the account "old"; returns the two books and what the
+    batch left to its book's ``single``, in call order."""
     uni = make_universe()
     one, many = E.AccountBook(uni), E.AccountBook(uni)
     for b in (one, many):
         b.apply_collateral("old", "USD", 1_000.0)
+    for x in items:
+        getattr(one, single)(*x)
+    slow = []
+    by_one = getattr(many, single)
+    setattr(many, single, lambda *x: slow.append(x) or by_one(*x))
+    assert getattr(many, batch)(items) == []
+    return one, many, slow
+
+
+def test_a_fill_left_to_the_slow_path_keeps_its_accounts_order():
+    """A fill the kernel leaves over (here: a new account) takes every later fill of its
+    account with it; other accounts' fills around it are applied by the kernel."""
     fills = [("new", "BTC-PERP", 1.0, 60_000.0, 0.0), ("old", "BTC-PERP", -1.0, 60_000.0, 1.0),
              ("new", "BTC-PERP", -2.0, 61_000.0, 0.5), ("old", "BTC-PERP", 1.0, 59_000.0, 0.0),
              ("new", "BTC-PERP", 1.0, 62_000.0, 0.0)]
-    for f in fills:
-        one.apply_trade(*f)
-    slow = []
-    one_by_one = many.apply_trade
-    many.apply_trade = lambda *f: slow.append(f) or one_by_one(*f)
-    assert many.apply_trades(fills) == []
+    one, many, slow = _through_the_slow_path("apply_trade", "apply_trades", fills)
     assert slow == [fills[0], fills[2], fills[4]]  # in order; "old" went through the kernel
     assert _state(many) == _state(one)
     assert many.get("new", "BTC-PERP") == (0.0, 0.0)  # flat after +1, -2, +1
@@ -165,18 +173,9 @@ def test_balance_batches_build_the_same_book_as_one_by_one(capacity, seed):
 
 
 def test_a_balance_change_left_to_the_slow_path_keeps_its_accounts_order():
-    uni = make_universe()
-    one, many = E.AccountBook(uni), E.AccountBook(uni)
-    for b in (one, many):
-        b.apply_collateral("old", "USD", 1_000.0)
     changes = [("new", "USD", 5.0), ("old", "USD", -1_000.0), ("new", "USD", -2.0),
                ("old", "BTC", 0.25), ("new", "USD", 1.0)]
-    for c in changes:
-        one.apply_collateral(*c)
-    slow = []
-    one_by_one = many.apply_collateral
-    many.apply_collateral = lambda *c: slow.append(c) or one_by_one(*c)
-    assert many.apply_collaterals(changes) == []
+    one, many, slow = _through_the_slow_path("apply_collateral", "apply_collaterals", changes)
     assert slow == [changes[0], changes[2], changes[4]]
     assert _state(many) == _state(one)
     assert many.get("new", "USD") == (4.0, 0.0)
