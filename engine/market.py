@@ -153,6 +153,51 @@ def risk_arrays(rows, kind, inverse, mult, strike, t_years, spot, mark, vol, rat
                 risk[i, s] = m * (p1 - p0)
 
 
+_NO_QUOTE, _EXPIRED = 1, 2
+
+
+@nb.njit(cache=True)
+def _pricing_inputs(und, is_spot, is_option, has_expiry, expiry_ms, marks, ivs, spot, now_ms,
+                    vs_base, vs_power, vs_floor, strict, mark, vol, t_years, shock, priced):
+    """Per instrument row: whether it can be priced now (its underlying has an index, it has
+    a quote, it has not expired), and if so its mark, implied vol, time to expiry in years
+    and vol shock. Returns -1, or with ``strict`` the first row that cannot be priced as
+    ``row * 4 + reason`` (:data:`_NO_QUOTE`, :data:`_EXPIRED`) for the caller to name.
+
+    Why compiled: this pass ran as a Python loop over the instruments, ~0.2 ms of a 0.36 ms
+    risk set of 157 instruments, and the account path computes a risk set after every quote
+    it has not seen. The arithmetic is the loop's, operation for operation (the vol shock is
+    :meth:`UnderlyingParams.vol_shock`: ``base * (30 / max(days, floor)) ** power``), so the
+    risk sets are bit-identical (tested against that loop)."""
+    for i in range(und.shape[0]):
+        u = und[i]
+        if u >= 0 and not math.isfinite(spot[u]):
+            continue
+        if is_spot[i]:
+            priced[i] = True
+            continue
+        m = marks[i]
+        if math.isnan(m):
+            if strict:
+                return i * 4 + _NO_QUOTE
+            continue
+        if has_expiry[i]:
+            dt = expiry_ms[i] - now_ms
+            if dt <= 0:
+                if strict:
+                    return i * 4 + _EXPIRED
+                continue
+            t_years[i] = dt / MS_PER_YEAR
+            days = dt / MS_PER_DAY
+            floor = vs_floor[u]
+            shock[i] = vs_base[u] * (30.0 / (days if days >= floor else floor)) ** vs_power[u]
+        mark[i] = m
+        if is_option[i]:
+            vol[i] = ivs[i]
+        priced[i] = True
+    return -1
+
+
 class Market:
     """Latest market data for a universe; produces :class:`RiskSet` snapshots.
 
@@ -168,6 +213,7 @@ class Market:
         self.iv: dict[str, float] = {}
         self._last: RiskSet | None = None
         self._static: _Static | None = None
+        self._rows: tuple | None = None  # see _row_quotes
 
     # -- updates --------------------------------------------------------------------------
     def set_index(self, underlying: str, price: float) -> None:
@@ -177,7 +223,8 @@ class Market:
 
     def set_quote(self, instrument_id: str, mark: float, iv: float | None = None,
                   index: float | None = None) -> None:
-        inst = self.universe.instruments[self.universe.row(instrument_id)]
+        row = self.universe.row(instrument_id)
+        inst = self.universe.instruments[row]
         _positive(mark, "mark", instrument_id)
         if inst.is_option:
             if iv is None or not (math.isfinite(iv) and 0 < iv <= 10):
@@ -189,6 +236,29 @@ class Market:
         if inst.kind == Kind.SPOT and inst.underlying is not None:
             self.index[inst.underlying] = float(mark)
         self.mark[instrument_id] = float(mark)
+        rq = self._rows
+        if rq is not None and rq[0] is self.mark and rq[1] is self.iv and \
+                row < rq[2].shape[0]:
+            rq[2][row] = self.mark[instrument_id]
+            if inst.is_option:
+                rq[3][row] = self.iv[instrument_id]
+
+    def _row_quotes(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Marks and implied vols by instrument row (NaN: none), kept in step with the dicts
+        by :meth:`set_quote`; rebuilt from the dicts when the universe grew or a dict was
+        replaced. The dicts stay the record: these arrays only save a pass over them."""
+        rq = self._rows
+        if rq is None or rq[0] is not self.mark or rq[1] is not self.iv or \
+                rq[2].shape[0] != n:
+            marks, ivs = np.full(n, np.nan), np.full(n, np.nan)
+            find = self.universe.find
+            for src, dst in ((self.mark, marks), (self.iv, ivs)):
+                for inst_id, x in src.items():
+                    r = find(inst_id)
+                    if 0 <= r < n:
+                        dst[r] = x
+            rq = self._rows = (self.mark, self.iv, marks, ivs)
+        return rq[2], rq[3]
 
     def set_params(self, params: RiskParams) -> None:
         self.params = params
@@ -220,33 +290,17 @@ class Market:
         t_years = np.zeros(n)
         shock = np.zeros(n)
         priced = np.zeros(n, dtype=np.bool_)
-        marks, ivs = self.mark, self.iv
-        for i, u, is_spot, inst_id, expiry_ms, is_option, q in st.instruments:
-            if u >= 0 and not math.isfinite(spot[u]):
-                continue
-            if is_spot:
-                priced[i] = True
-                continue
-            m = marks.get(inst_id)
-            if m is None:
-                if strict:
-                    raise MissingMarketData(f"no quote for {inst_id}", field="mark",
-                                            instrument=inst_id)
-                continue
-            if expiry_ms is not None:
-                dt = expiry_ms - now_ms
-                if dt <= 0:
-                    if strict:
-                        raise ExpiredInstrument(f"{inst_id} expired at {expiry_ms} "
-                                                f"(now {now_ms})", field="expiry_ms",
-                                                value=expiry_ms, instrument=inst_id)
-                    continue
-                t_years[i] = dt / MS_PER_YEAR
-                shock[i] = q.vol_shock(dt / MS_PER_DAY)
-            mark[i] = m
-            if is_option:
-                vol[i] = ivs[inst_id]
-            priced[i] = True
+        marks, ivs = self._row_quotes(n)
+        bad = _pricing_inputs(a.und, st.is_spot, st.is_option, st.has_expiry, a.expiry_ms,
+                              marks, ivs, spot, int(now_ms), st.vs_base, st.vs_power,
+                              st.vs_floor, strict, mark, vol, t_years, shock, priced)
+        if bad >= 0:
+            inst_id, expiry_ms = uni.ids[bad // 4], uni.instruments[bad // 4].expiry_ms
+            if bad % 4 == _NO_QUOTE:
+                raise MissingMarketData(f"no quote for {inst_id}", field="mark",
+                                        instrument=inst_id)
+            raise ExpiredInstrument(f"{inst_id} expired at {expiry_ms} (now {now_ms})",
+                                    field="expiry_ms", value=expiry_ms, instrument=inst_id)
         rows = np.flatnonzero(priced).astype(np.int64)
         value = np.zeros(n)
         risk = np.zeros((n, st.n_scen))
@@ -306,10 +360,16 @@ class _Static:
         self.mm_ratio = np.array([q.mm_ratio for q in up], dtype=np.float64)
         self.haircut = np.array([p.haircut(inst.id) if inst.kind == Kind.SPOT else 0.0
                                  for inst in uni.instruments], dtype=np.float64)
-        und = arrays.und.tolist()
-        self.instruments = [(i, und[i], inst.kind == Kind.SPOT, inst.id, inst.expiry_ms,
-                             inst.is_option, up[und[i]] if und[i] >= 0 else None)
-                            for i, inst in enumerate(uni.instruments)]
+        # per instrument, what the pricing inputs are checked against; per underlying, the
+        # vol-shock parameters (an instrument without an underlying is never dated)
+        kinds = [inst.kind for inst in uni.instruments]
+        self.is_spot = np.array([k == Kind.SPOT for k in kinds], dtype=np.bool_)
+        self.is_option = np.array([inst.is_option for inst in uni.instruments], dtype=np.bool_)
+        self.has_expiry = np.array([inst.expiry_ms is not None for inst in uni.instruments],
+                                   dtype=np.bool_)
+        self.vs_base = np.array([q.vol_shock_base for q in up], dtype=np.float64)
+        self.vs_power = np.array([q.vol_shock_power for q in up], dtype=np.float64)
+        self.vs_floor = np.array([q.dte_floor_days for q in up], dtype=np.float64)
 
 
 def _positive(x, field, who):
