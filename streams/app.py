@@ -376,6 +376,7 @@ class Pipeline:
             await self.app.consumer.commit()
         except Exception as exc:  # noqa: BLE001 - the offsets are committed by the next owner
             log.warning("final offset commit failed: %s", exc)
+        self.out.close()
 
     def owned_partitions(self) -> set[int]:
         try:
@@ -573,9 +574,10 @@ class Pipeline:
         messages = {(m.topic, m.partition, m.offset): m
                     for m in batch} if out.rejected else None  # only to dead-letter bytes
         await self.queue_outputs(out, messages)
+        delivered = self.out.mark()  # this batch's records and everything before them
 
         async def finish() -> None:
-            await self.flush_outputs(out)
+            await self.flush_outputs(out, delivered)
             if epoch is not None and epoch == self.feed.epoch:
                 self.app.consumer.ack_records(batch)
             # counted once the batch's outputs are acknowledged: "events in" means done
@@ -622,14 +624,19 @@ class Pipeline:
             self._send_snapshots(out)
         self.metrics["margin_events"] += len(out.events)
 
-    async def flush_outputs(self, out: Output) -> None:
-        """Wait until everything queued so far is acknowledged, then drop ``out``'s margin
-        events from the outboxes (delivered)."""
+    async def flush_outputs(self, out: Output, delivered: asyncio.Future | None = None
+                            ) -> None:
+        """Wait until everything queued so far is acknowledged (or, with ``delivered``, a mark
+        made when the unit was queued: everything queued up to then), then drop ``out``'s
+        margin events from the outboxes (delivered)."""
         proc = self.processor
-        # one flush for the whole unit of work: every record above is acknowledged before the
+        # one wait for the whole unit of work: every record above is acknowledged before the
         # batch's input offsets can be committed (cheaper than awaiting each send's future)
         t0 = time.perf_counter()
-        await self.out.flush()
+        if delivered is None:
+            await self.out.flush()
+        else:
+            await delivered
         self.timings["flush"] += time.perf_counter() - t0
         sent = {e["event_id"] for e in out.events}
         for acct in {e["account"] for e in out.events}:  # delivered: drop from the outbox
@@ -970,7 +977,8 @@ class Pipeline:
         # one acknowledgement for the whole tick, in order after the unit before it (a wait per
         # step held the work lock for a broker round trip ten times a tick)
         async with self.work_lock:
-            await self.acknowledge_later(lambda: self.flush_outputs(sent))
+            delivered = self.out.mark()
+            await self.acknowledge_later(lambda: self.flush_outputs(sent, delivered))
 
 
 def _partitions(s: Settings, topics) -> dict[str, list[int]]:
