@@ -105,7 +105,8 @@ class Pipeline:
         self.processor = RiskProcessor(
             E.StateThresholds(settings.warning_level, settings.hysteresis,
                               settings.liquidation_buffer),
-            snapshot_interval_ms=settings.snapshot_interval_ms)
+            snapshot_interval_ms=settings.snapshot_interval_ms,
+            tick_interval_ms=settings.coalesce_ms)
         self.sink = sink
         # roles: "all" does everything in one process; "margin" runs the account path and
         # produces snapshots for a sink elsewhere; "sink" only stores the two output topics

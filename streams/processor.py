@@ -112,7 +112,7 @@ class Output:
 
 class RiskProcessor:
     def __init__(self, thresholds: E.StateThresholds | None = None,
-                 snapshot_interval_ms: int = 1000, clock=time.time):
+                 snapshot_interval_ms: int = 1000, clock=time.time, tick_interval_ms: int = 0):
         self.universe = E.Universe()
         self.params = E.RiskParams()
         self.market = E.Market(self.universe, self.params)
@@ -138,6 +138,7 @@ class RiskProcessor:
         self._tick_gaps: list[float] = []  # processing-time gaps (ms) between the last ticks
         self._tick_last = 0.0
         self._tick_share = 1.0  # the current tick's share of periodic snapshots (see start_tick)
+        self.tick_interval_ms = tick_interval_ms  # cadence assumed before two ticks (0: none)
 
     # -- reference data -------------------------------------------------------------------
     def apply_instrument(self, rec: dict) -> None:
@@ -408,15 +409,21 @@ class RiskProcessor:
         quiet spell's own gap is an outlier among them, and so is one short gap (a tick re-run
         at once), so neither sets the share; a steadily slow market is never held back (ticks
         every half window or slower: no limit). The due accounts over the share go oldest
-        snapshot first; the backlog is gone within about one window."""
+        snapshot first; the backlog is gone within about one window.
+
+        Before a second tick there is no gap to go by: the worker's coalescing interval
+        (``tick_interval_ms``) stands in for the cadence. Without it a restarted worker's first
+        tick, a second or more after it loaded its accounts, wrote a row for every one of them
+        (in the bench's restart, most of the first phase's samples over 50 ms came in the
+        100 ms after that tick)."""
         gaps = self._tick_gaps
         if self._tick_last:
             gaps.append(now - self._tick_last)
             del gaps[:-3]
         self._tick_last = now
-        if not gaps or self.snapshot_interval_ms <= 0:
+        if self.snapshot_interval_ms <= 0 or not (gaps or self.tick_interval_ms > 0):
             return 1.0
-        cadence = sorted(gaps)[(len(gaps) - 1) // 2]
+        cadence = sorted(gaps)[(len(gaps) - 1) // 2] if gaps else self.tick_interval_ms
         return min(1.0, 2.0 * cadence / self.snapshot_interval_ms)
 
     def _tick_snapshots(self, rows: np.ndarray, new: np.ndarray, prev: np.ndarray) -> np.ndarray:

@@ -105,3 +105,8 @@ def test_the_share_follows_the_cadence_not_one_odd_gap():
     assert shares == [1.0, 0.2, 0.2, 0.2, 0.2, 0.2, 0.2, 0.2]
     slow = RiskProcessor(snapshot_interval_ms=1000)
     assert [slow._snapshot_share(t) for t in (0.5, 600.5, 1200.5, 1800.5)][1:] == [1.0] * 3
+    # a worker's first tick, before any gap: its coalescing interval stands in for the cadence
+    # (a restart's first tick writes a fifth of the overdue book, not all of it)
+    worker = RiskProcessor(snapshot_interval_ms=1000, tick_interval_ms=100)
+    assert [worker._snapshot_share(t) for t in (1000.0, 1100.0, 1700.0, 2300.0)] == \
+        [0.2, 0.2, 0.2, 1.0]
