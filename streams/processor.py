@@ -414,8 +414,8 @@ class RiskProcessor:
         Before a second tick there is no gap to go by: the worker's coalescing interval
         (``tick_interval_ms``) stands in for the cadence. Without it a restarted worker's first
         tick, a second or more after it loaded its accounts, wrote a row for every one of them
-        (in the bench's restart, most of the first phase's samples over 50 ms came in the
-        100 ms after that tick)."""
+        (20,000 snapshot and 40,000 exposure rows at once; in one of two traced bench restarts,
+        27 of the first phase's 35 samples over 50 ms came in its first 100 ms)."""
         gaps = self._tick_gaps
         if self._tick_last:
             gaps.append(now - self._tick_last)
