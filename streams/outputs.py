@@ -64,7 +64,7 @@ class OutputProducer:
             "enable.idempotence": True, "linger.ms": 1, "compression.type": "lz4",
             "queue.buffering.max.messages": 2_000_000, "queue.buffering.max.kbytes": 2_097_151,
             "message.timeout.ms": 120_000})
-        self._lock = threading.Lock()  # reports may be served by two threads (see flush)
+        self._lock = threading.Lock()  # the groups, shared by marks (event loop) and reports
         self._group = _Group(self)      # records queued since the last mark
         self._closed: deque[_Group] = deque()  # marked groups not yet all reported, in order
         self._errors: list[str] = []    # every delivery error so far: later marks fail too
