@@ -157,8 +157,8 @@ _NO_QUOTE, _EXPIRED = 1, 2
 
 
 @nb.njit(cache=True)
-def _pricing_inputs(und, is_spot, is_option, has_expiry, expiry_ms, marks, ivs, spot, now_ms,
-                    vs_base, vs_power, vs_floor, strict, mark, vol, t_years, shock, priced):
+def _pricing_inputs(und, kind, has_expiry, expiry_ms, marks, ivs, spot, now_ms, vs_base,
+                    vs_power, vs_floor, strict, mark, vol, t_years, shock, priced):
     """Per instrument row: whether it can be priced now (its underlying has an index, it has
     a quote, it has not expired), and if so its mark, implied vol, time to expiry in years
     and vol shock. Returns -1, or with ``strict`` the first row that cannot be priced as
@@ -173,7 +173,8 @@ def _pricing_inputs(und, is_spot, is_option, has_expiry, expiry_ms, marks, ivs, 
         u = und[i]
         if u >= 0 and not math.isfinite(spot[u]):
             continue
-        if is_spot[i]:
+        k = kind[i]
+        if k == 0:  # spot / collateral asset (Kind.SPOT, as in risk_arrays)
             priced[i] = True
             continue
         m = marks[i]
@@ -192,7 +193,7 @@ def _pricing_inputs(und, is_spot, is_option, has_expiry, expiry_ms, marks, ivs, 
             floor = vs_floor[u]
             shock[i] = vs_base[u] * (30.0 / (days if days >= floor else floor)) ** vs_power[u]
         mark[i] = m
-        if is_option[i]:
+        if k >= 3:  # Kind.CALL, Kind.PUT
             vol[i] = ivs[i]
         priced[i] = True
     return -1
@@ -291,9 +292,9 @@ class Market:
         shock = np.zeros(n)
         priced = np.zeros(n, dtype=np.bool_)
         marks, ivs = self._row_quotes(n)
-        bad = _pricing_inputs(a.und, st.is_spot, st.is_option, st.has_expiry, a.expiry_ms,
-                              marks, ivs, spot, int(now_ms), st.vs_base, st.vs_power,
-                              st.vs_floor, strict, mark, vol, t_years, shock, priced)
+        bad = _pricing_inputs(a.und, a.kind, st.has_expiry, a.expiry_ms, marks, ivs, spot,
+                              int(now_ms), st.vs_base, st.vs_power, st.vs_floor, strict, mark,
+                              vol, t_years, shock, priced)
         if bad >= 0:
             inst_id, expiry_ms = uni.ids[bad // 4], uni.instruments[bad // 4].expiry_ms
             if bad % 4 == _NO_QUOTE:
@@ -330,7 +331,7 @@ class _Static:
     """What :meth:`Market.risk_set` needs that changes only with the risk parameters or the
     universe (its arrays are rebuilt whenever an instrument is added or updated): the
     scenario grids as arrays, the per-underlying add-on parameters, the haircuts, and per
-    instrument what the pricing loop reads.
+    instrument whether it is dated.
 
     Why: the account path recomputes the risk set after every quote it has not seen yet (a
     trade is margined at the latest marks), and at 10,000 events/s with 2% quotes a profile of
@@ -360,11 +361,9 @@ class _Static:
         self.mm_ratio = np.array([q.mm_ratio for q in up], dtype=np.float64)
         self.haircut = np.array([p.haircut(inst.id) if inst.kind == Kind.SPOT else 0.0
                                  for inst in uni.instruments], dtype=np.float64)
-        # per instrument, what the pricing inputs are checked against; per underlying, the
-        # vol-shock parameters (an instrument without an underlying is never dated)
-        kinds = [inst.kind for inst in uni.instruments]
-        self.is_spot = np.array([k == Kind.SPOT for k in kinds], dtype=np.bool_)
-        self.is_option = np.array([inst.is_option for inst in uni.instruments], dtype=np.bool_)
+        # whether an instrument is dated (the universe's expiry array holds 0 for none); per
+        # underlying, the vol-shock parameters (an instrument without an underlying is never
+        # dated)
         self.has_expiry = np.array([inst.expiry_ms is not None for inst in uni.instruments],
                                    dtype=np.bool_)
         self.vs_base = np.array([q.vol_shock_base for q in up], dtype=np.float64)
