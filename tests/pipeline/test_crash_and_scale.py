@@ -187,6 +187,13 @@ def test_recovery_from_changelog_after_losing_local_state(settings):
     _publish(settings, events[len(deposits):])
     _wait_all_applied(settings, proc)
     w.stop()
+    # the changelog is compacted: in the long run a restart replays about one record per
+    # account (docs/reliability.md, recovery time)
+    from confluent_kafka.admin import AdminClient, ConfigResource
+    res = ConfigResource(ConfigResource.Type.TOPIC, f"{settings.app_id}-accounts-changelog")
+    admin = AdminClient(settings.kafka_conf())
+    assert admin.describe_configs([res])[res].result(timeout=10)["cleanup.policy"].value == \
+        "compact"
     # a new worker with an empty data directory (name changes the data dir) rebuilds the
     # tables from the changelog and continues: one more deposit per account must margin
     # against the recovered positions, exactly like the offline replay
