@@ -301,10 +301,11 @@ def _alive(proc, log) -> None:
         raise RuntimeError(f"process exited during the bench (code {proc.returncode}); see {log}")
 
 
-def _changelog_records(settings, app_id: str) -> int:
+def _changelog_records(settings, app_id: str) -> int | None:
     """Records in the accounts table's changelog now (read through: compaction removes
     records from inside the log, so its offsets do not count them): about what a restarted
-    worker replays before it is ready."""
+    worker replays before it is ready. None if the read did not reach every partition's end
+    within two minutes (a partial count would understate the replay)."""
     from confluent_kafka import Consumer, KafkaError, TopicPartition
     topic = f"{app_id}-accounts-changelog"
     c = Consumer({**settings.kafka_conf(), "group.id": f"changelog-{uuid.uuid4().hex[:6]}",
@@ -319,7 +320,7 @@ def _changelog_records(settings, app_id: str) -> int:
                     n += 1
                 elif m.error().code() == KafkaError._PARTITION_EOF:
                     left.discard(m.partition())
-        return n
+        return None if left else n
     finally:
         c.close()
 
