@@ -1014,6 +1014,8 @@ def naive_worker() -> None:
     from .processor import RiskProcessor
     from .settings import load_settings
     s = load_settings()
+    from .cli import use_event_loop
+    use_event_loop(s.event_loop)  # the same runtime as the worker: the ratio compares designs
     app = faust.App(s.app_id, broker=f"kafka://{s.kafka_bootstrap}", store="memory://",
                     datadir=str(s.data_dir / "faust"), web_port=s.web_port,
                     web_bind="127.0.0.1", consumer_auto_offset_reset="earliest",

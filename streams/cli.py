@@ -95,6 +95,7 @@ def worker(loglevel: str = typer.Option("info", help="log level"),
                                     "ClickHouse inserts off the account path's interpreter")):
     """Run a margin worker (Faust) until interrupted."""
     s = _settings(**({"role": role} if role else {}))
+    use_event_loop(s.event_loop)
     from .topics import create_topics
     create_topics(s)
     from .app import create_app
@@ -109,6 +110,23 @@ def worker(loglevel: str = typer.Option("info", help="log level"),
         os.nice(s.sink_nice)  # analytics ingestion yields the CPU to margin on a shared host
     _tune_gc()
     Worker(pipe.app, loglevel=loglevel, redirect_stdouts=False).execute_from_commandline()
+
+
+def use_event_loop(name: str) -> None:
+    """Make ``name`` the event loop of every loop created from here on, before the app
+    exists: the worker's own and the one Faust's consumer thread creates for the Kafka
+    client.
+
+    Why uvloop: a restarted worker is not margining until Faust has replayed its table's
+    changelog, one record at a time, and that replay is mostly the event loop's own work (a
+    task step, futures and a timer per record). The bench's restart replayed its ~260,000
+    records in 19.8-21.0 s on uvloop against 24.0-30.5 s on asyncio's loop (twelve runs);
+    the latency and throughput phases did not separate (docs/benchmarks.md)."""
+    if name == "uvloop":
+        import asyncio
+
+        import uvloop
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
 def _tune_gc() -> None:

@@ -205,6 +205,7 @@ def test_recovery_from_changelog_after_losing_local_state(settings):
     w2 = WorkerProcess(settings, name="second-empty-disk").start()
     try:
         assert "Recovery" in w2.log()
+        assert "event loop: uvloop.Loop" in w2.log()  # the default: replays faster
         _publish(settings, more)
         state, want = _wait_all_applied(settings, proc2)
         _check(settings, expected2, proc2, state, want)
