@@ -120,8 +120,8 @@ def use_event_loop(name: str) -> None:
     Why uvloop: a restarted worker is not margining until Faust has replayed its table's
     changelog, one record at a time, and that replay is mostly the event loop's own work (a
     task step, futures and a timer per record). The bench's restart replayed its ~260,000
-    records in 19.8-21.0 s on uvloop against 24.0-30.5 s on asyncio's loop (twelve runs);
-    the latency and throughput phases did not separate (docs/benchmarks.md)."""
+    records in 19.8-21.0 s on uvloop (four runs) against 24.0-30.5 s on asyncio's loop
+    (sixteen); the latency and throughput phases did not separate (docs/benchmarks.md)."""
     if name == "uvloop":
         import asyncio
 
