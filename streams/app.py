@@ -216,14 +216,14 @@ class Pipeline:
         if s.web_port > 0:
             self._build_pages(app)
         app.on_before_shutdown.connect(self._on_shutdown)
+        app.on_partitions_assigned.connect(self._on_assign)
+        app.on_partitions_revoked.connect(self._on_revoke)
 
         @app.task
         async def event_loop_in_use():
             """Which event loop runs (``RISKPIPE_EVENT_LOOP``), in the log at start."""
             loop = type(asyncio.get_running_loop())
             log.info("event loop: %s.%s", loop.__module__.split(".")[0], loop.__name__)
-        app.on_partitions_assigned.connect(self._on_assign)
-        app.on_partitions_revoked.connect(self._on_revoke)
         return app
 
     def _build_margin(self, app: faust.App, raw: dict) -> None:
