@@ -207,7 +207,8 @@ class Pipeline:
                                                    else s.sink_fetch_min_bytes),
                                   prefetch_backoff_ms=s.prefetch_backoff_ms,
                                   aligned={"accounts": s.align_max_wait_ms},
-                                  max_bytes={g: s.sink_buffer_mb << 20 for g in sinks})
+                                  max_bytes={g: s.sink_buffer_mb << 20 for g in sinks},
+                                  replays=[self.table] if self.margin_role else [])
         self.feed = self.feeds.get("accounts")
         if self.feed is not None:
             self.feed.on_fetch = self.fetch_lag.observe

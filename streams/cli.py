@@ -117,11 +117,13 @@ def use_event_loop(name: str) -> None:
     exists: the worker's own and the one Faust's consumer thread creates for the Kafka
     client.
 
-    Why uvloop: a restarted worker is not margining until Faust has replayed its table's
-    changelog, one record at a time, and that replay is mostly the event loop's own work (a
-    task step, futures and a timer per record). The bench's restart replayed its ~260,000
-    records in 19.8-21.0 s on uvloop (four runs) against 24.0-30.5 s on asyncio's loop
-    (sixteen); the latency and throughput phases did not separate (docs/benchmarks.md)."""
+    Why uvloop: it was chosen while Faust replayed the table's changelog one record at a time,
+    mostly the event loop's own work (a task step, futures and a timer per record): the
+    bench's restart replayed its ~260,000 records in 19.8-21.0 s on uvloop (four runs) against
+    24.0-30.5 s on asyncio's loop (sixteen). That replay now goes in bulk
+    (``streams.feed.replay_changelog``: 0.4-0.6 s in the bench); the latency and
+    throughput phases never separated the two loops (docs/benchmarks.md). uvloop stays the
+    default as the loop the tests and benches run on."""
     if name == "uvloop":
         import asyncio
 

@@ -363,3 +363,66 @@ def test_a_sink_process_polls_the_broker_less_often_than_a_margin_worker(tmp_pat
         waits[role] = (consumer._fetch_max_wait_ms, consumer._fetch_min_bytes)
         pipe.out.producer = None  # never started: no client left trying to reach a broker
     assert waits == {"margin": (20, 1), "sink": (500, 1 << 20), "all": (20, 1)}
+
+
+def test_a_changelog_replayed_in_bulk_leaves_the_store_as_fausts_own_replay_would():
+    """Bulk replay (``replay_changelog``) against Faust's own: its recovery's offset rule (skip
+    what is applied) and its memory store's ``apply_changelog_batch`` on the same records, in
+    a real Faust app's recovery and tables (not started: no broker is needed for this part;
+    the worker's replay through the broker is asserted in test_crash_and_scale)."""
+    import faust
+    from faust.events import Event
+    from faust.types import Message
+
+    from streams.feed import replay_changelog
+
+    app = faust.App("replay-test", broker="kafka://127.0.0.1:1", store="memory://")
+    bulk = app.Table("bulk", default=None, partitions=2, key_type=bytes, value_type=bytes)
+    ref = app.Table("ref", default=None, partitions=2, key_type=bytes, value_type=bytes)
+    topic = bulk.changelog_topic.get_topic_name()
+    tp0, tp1 = TP(topic, 0), TP(topic, 1)
+    # partition 0: offsets 0-2 were applied before (a rebalance's earlier recovery); their
+    # records must not be applied again over what the store holds
+    log0 = [(b"a", b"a0"), (b"b", b"b0"), (b"a", None),     # applied before
+            (b"a", b"a3"), (b"b", None), (b"c", b"c5"), (b"c", None), (b"c", b"c7")]
+    log1 = [(b"d", b"d0"), (b"e", None), (b"d", b"d2"), (b"f", b"f3")]
+    for table in (bulk, ref):
+        table.data.data[b"b"] = b"b0"
+        table.data._key_partition[b"b"] = 0
+
+    def recs(tp, log, start, stop):
+        return [SimpleNamespace(topic=tp.topic, partition=tp.partition, offset=o, key=k,
+                                value=v) for o, (k, v) in enumerate(log) if start <= o < stop]
+
+    async def run():
+        recovery = app.tables.recovery
+        recovery.active_tps = {tp0, tp1}
+        recovery.active_highwaters.update({tp0: len(log0) - 1, tp1: len(log1) - 1})
+        recovery.active_offsets.update({tp0: 2, tp1: -1})
+        recovery._set_recovery_started()
+        read = {}
+        # the first fetch re-delivers offsets 1-2 of partition 0 (at or below the applied)
+        n1, end1 = replay_changelog(recovery, {topic: bulk},
+                                    {tp0: recs(tp0, log0, 1, 6), tp1: recs(tp1, log1, 0, 2)},
+                                    read)
+        state1 = (recovery.in_recovery, recovery.signal_recovery_end.is_set())
+        n2, end2 = replay_changelog(recovery, {topic: bulk},
+                                    {tp0: recs(tp0, log0, 6, 8), tp1: recs(tp1, log1, 2, 4)},
+                                    read)
+        return (n1, end1, state1, n2, end2, recovery.in_recovery,
+                recovery.signal_recovery_end.is_set(), dict(recovery.active_offsets), read)
+
+    n1, end1, state1, n2, end2, in_rec, signalled, offsets, read = asyncio.run(run())
+    assert (n1, end1, state1) == (5, False, (True, False))
+    assert (n2, end2, in_rec, signalled) == (4, True, False, True)
+    assert offsets == {tp0: 7, tp1: 3} and read == {tp0: 7, tp1: 3}
+
+    # Faust's own replay of the same partitions from the same applied offsets
+    def events(tp, log, start):
+        return [Event(app, k, v, {}, Message(tp.topic, tp.partition, o, 0.0, 0, {}, k, v,
+                                             None, tp=tp))
+                for o, (k, v) in enumerate(log) if o >= start]
+    ref.apply_changelog_batch(events(tp0, log0, 3) + events(tp1, log1, 0))
+    assert bulk.data.data == ref.data.data == {b"a": b"a3", b"c": b"c7", b"d": b"d2",
+                                               b"f": b"f3"}
+    assert bulk.data._key_partition == ref.data._key_partition
