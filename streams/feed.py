@@ -155,22 +155,15 @@ class Feed:
         event-time order across its topics; see :meth:`_take_aligned`."""
         if self._align is not None:
             return await self._take_aligned(max_records)
-        while not self._q:
-            self._not_empty.clear()
-            await self._not_empty.wait()
-        if within > 0:
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + within
-            while not self._full() and \
-                    sum(len(r) for _, f in self._q for r in f.values()) < max_records:
-                left = deadline - loop.time()
-                if left <= 0:
-                    break
+        while True:
+            while not self._q:
                 self._not_empty.clear()
-                try:
-                    await asyncio.wait_for(self._not_empty.wait(), left)
-                except asyncio.TimeoutError:
-                    break
+                await self._not_empty.wait()
+            if within > 0:
+                await self._fill(max_records, within)
+            if self._q:
+                break
+            # a revocation emptied the queue while the batch filled: wait for new records
         epoch, fetch = self._pop()
         out = [r for recs in fetch.values() for r in recs]
         while self._q and self._q[0][0] == epoch:
@@ -182,6 +175,21 @@ class Feed:
             self._not_empty.clear()
         self._maybe_resume()
         return epoch, out
+
+    async def _fill(self, max_records: int, within: float) -> None:
+        """Wait up to ``within`` seconds for the queue to hold ``max_records`` or be full."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        while self._q and not self._full() and \
+                sum(len(r) for _, f in self._q for r in f.values()) < max_records:
+            left = deadline - loop.time()
+            if left <= 0:
+                break
+            self._not_empty.clear()
+            try:
+                await asyncio.wait_for(self._not_empty.wait(), left)
+            except asyncio.TimeoutError:
+                break
 
     async def _take_aligned(self, max_records: int) -> tuple[int, list]:
         """Event-time alignment of co-partitioned topics (trades and collateral changes).

@@ -178,6 +178,35 @@ def test_two_workers_split_partitions_and_match_single_worker(settings):
         b.stop()
 
 
+def test_a_worker_joining_mid_stream_takes_over_partitions_with_their_state(settings):
+    """Scale-out with state: a second worker joins after the first has applied half the
+    stream, so the partitions it takes over have records in the changelog. It replays them
+    (in bulk) and both continue; the outcome is the single offline replay's."""
+    deposits, events = account_events(ACCOUNTS, seed=14)
+    half = len(events) // 2
+    _, proc_half = replay(deposits + events[:half])
+    expected, proc = replay(deposits + events)
+    publish_reference(Publisher(settings))
+    a = WorkerProcess(settings, name="a").start()
+    b = None
+    try:
+        _publish_deposits(settings, deposits)
+        _publish(settings, events[:half])
+        _wait_all_applied(settings, proc_half)
+        b = WorkerProcess(settings, name="b").start()
+        _publish(settings, events[half:])
+        state, want = _wait_all_applied(settings, proc)
+        _check(settings, expected, proc, state, want)
+        replayed = re.search(r"replayed (\d+) changelog records in bulk", b.log())
+        assert replayed and int(replayed.group(1)) > 0, b.log()[-2000:]
+        owned = [w.log().rsplit("for partitions ", 1)[-1].splitlines()[0] for w in (a, b)]
+        assert owned[0] != owned[1] and "[]" not in owned, owned
+    finally:
+        a.stop()
+        if b is not None:
+            b.stop()
+
+
 def test_recovery_from_changelog_after_losing_local_state(settings):
     deposits, events = account_events(120, seed=13)
     events = deposits + events

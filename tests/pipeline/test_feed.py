@@ -56,6 +56,25 @@ def test_revocation_drops_queued_and_late_fetches_and_bumps_the_epoch():
     assert _offsets(batch) == [("t", 0, 0), ("t", 0, 1)]
 
 
+def test_a_revocation_while_a_batch_fills_waits_for_new_records_instead_of_failing():
+    """The sink's take waits up to ``within`` to fill a batch; a rebalance that revokes the
+    feed meanwhile empties its queue. The take then waits for records of the new epoch (it
+    once popped the empty queue: the sink agent crashed and Faust restarted it)."""
+    async def run():
+        feed = Feed(["t"])
+        feed.put(feed.epoch, _fetch("t", 0, range(3)))
+        taking = asyncio.ensure_future(feed.take(100, within=0.3))
+        await asyncio.sleep(0.05)
+        feed.revoke()
+        await asyncio.sleep(0.5)  # past the fill's deadline, nothing queued
+        assert not taking.done()
+        feed.put(feed.epoch, _fetch("t", 0, range(0, 2)))  # re-read after the seek
+        return feed.epoch, await asyncio.wait_for(taking, 5)
+    epoch, (got_epoch, batch) = asyncio.run(run())
+    assert got_epoch == epoch
+    assert _offsets(batch) == [("t", 0, 0), ("t", 0, 1)]
+
+
 class _Consumer:
     """Records what the feed asks of Faust's consumer (pause / resume partitions)."""
 
