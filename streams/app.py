@@ -758,6 +758,16 @@ class Pipeline:
         if self.margin_role:  # account records taken out of event-time order (wait bound)
             lines += ["# TYPE riskpipe_unaligned_releases_total counter",
                       f"riskpipe_unaligned_releases_total {self.feed.forced}"]
+            # the account table's changelog replays (streams/feed.py replay_changelog): how
+            # long a restart or a partition taking over waited for its state
+            c = self.app.consumer
+            lines += ["# TYPE riskpipe_changelog_replayed_records_total counter",
+                      f"riskpipe_changelog_replayed_records_total "
+                      f"{getattr(c, 'replayed_total', 0)}"]
+            last = getattr(c, "last_replay_seconds", None)
+            if last is not None:
+                lines += ["# TYPE riskpipe_last_recovery_seconds gauge",
+                          f"riskpipe_last_recovery_seconds {last:.3f}"]
         lines.append("# TYPE riskpipe_stage_seconds_total counter")
         for k, v in self.timings.items():
             lines.append(f'riskpipe_stage_seconds_total{{stage="{k}"}} {v:.3f}')

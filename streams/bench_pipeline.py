@@ -139,6 +139,10 @@ def _metric(port, name):
     return None
 
 
+def _int(x):
+    return None if x is None else int(x)
+
+
 def _inputs(port, lines=None):
     """Input events the worker has applied, every topic (trades and collateral once their
     outputs are acknowledged, quotes and reference data once applied); None while it is not
@@ -937,11 +941,15 @@ def run(events=200_000, accounts=20_000, latency_rate=10_000, latency_seconds=10
                 time.sleep(0.5)
             result["restart"] = {
                 "ready_s": round(time.time() - t_start, 1),
+                "recovery_s": _metric(16066, "riskpipe_last_recovery_seconds"),
+                "replayed_records": _int(_metric(
+                    16066, "riskpipe_changelog_replayed_records_total")),
                 "changelog_records": _changelog_records(s, f"{s.app_id}-worker"),
                 "note": "the worker restarted after the throughput run: seconds from its "
                         "start to riskpipe_ready (table recovered from the changelog and "
-                        "loaded), and the records in the changelog then (about what it "
-                        "replayed)"}
+                        "loaded into the engine), the recovery's own seconds and the records "
+                        "it replayed (the worker's metrics), and the records in the changelog "
+                        "then"}
             time.sleep(5)  # catch up with anything left from the throughput run
             if latency_warmup_seconds > 0:
                 # the same load first, reported apart: the figures below are the steady

@@ -389,6 +389,8 @@ class BatchConsumer(faust_aiokafka.Consumer):
         return getattr(self.transport, "replays", None) or {}
 
     replayed = 0  # records applied by _replay in the current recovery
+    replayed_total = 0  # ... in every recovery so far
+    last_replay_seconds: float | None = None  # the last recovery that replayed in bulk
 
     async def getmany(self, timeout: float):
         feeds = self.feeds
@@ -451,8 +453,13 @@ class BatchConsumer(faust_aiokafka.Consumer):
         """Apply a fetch of changelog records in bulk (see :func:`replay_changelog`)."""
         n, ended = replay_changelog(recovery, tables, fetch, self._read_offset)
         self.replayed += n
+        self.replayed_total += n
         if ended:
-            log.info("replayed %d changelog records in bulk", self.replayed)
+            # from the recovery's start (offsets and highwaters read, partitions sought) to
+            # its end: what a restart or a partition taken over waited for its state
+            self.last_replay_seconds = time.monotonic() - recovery._recovery_started_at
+            log.info("replayed %d changelog records in bulk; recovery took %.3f s",
+                     self.replayed, self.last_replay_seconds)
             self.replayed = 0
 
     async def _note_read(self, tp, recs) -> None:

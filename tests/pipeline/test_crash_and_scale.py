@@ -12,6 +12,7 @@ import os
 import re
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -232,14 +233,21 @@ def test_recovery_from_changelog_after_losing_local_state(settings):
         amount=100_000.0, kind="DEPOSIT", ts=e[2]["ts"])) for e in events
         if e[2].get("change_id", "").endswith("-d0")]
     expected2, proc2 = replay(events + more)
-    w2 = WorkerProcess(settings, name="second-empty-disk").start()
+    port = free_port()
+    w2 = WorkerProcess(settings, name="second-empty-disk",
+                       extra_env={"RISKPIPE_WEB_PORT": str(port)}).start()
     try:
         assert "Recovery" in w2.log()
         assert "event loop: uvloop.Loop" in w2.log()  # the default loop
         # the changelog went through the bulk replay (streams/feed.py), at least one record
-        # per account
+        # per account, and /metrics tells ops how many and how long
         replayed = re.search(r"replayed (\d+) changelog records in bulk", w2.log())
         assert replayed and int(replayed.group(1)) >= 120, w2.log()[-2000:]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+            metrics = dict(line.split(" ", 1) for line in r.read().decode().splitlines()
+                           if line and not line.startswith("#"))
+        assert metrics["riskpipe_changelog_replayed_records_total"] == replayed.group(1)
+        assert 0 < float(metrics["riskpipe_last_recovery_seconds"]) < 60
         _publish(settings, more)
         state, want = _wait_all_applied(settings, proc2)
         _check(settings, expected2, proc2, state, want)
