@@ -9,6 +9,7 @@ Stablecoins are spot rows with no underlying (``und == -1``): valued at 1, never
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass, field
 from enum import IntEnum
 
@@ -152,6 +153,17 @@ class Universe:
         """Row of an instrument, or ``default`` (no exception: for batch paths that set the
         unknown ones aside)."""
         return self._index.get(instrument_id, default)
+
+    def rows(self, instrument_ids: list[str]) -> list[int]:
+        """:meth:`row` of each id, in one lookup in C for the lot (a recovered account's
+        instruments at a restart); UnknownInstrument names the first unknown one."""
+        if not instrument_ids:
+            return []
+        try:
+            got = operator.itemgetter(*instrument_ids)(self._index)
+        except KeyError:
+            return [self.row(i) for i in instrument_ids]  # raises for the first unknown
+        return [got] if len(instrument_ids) == 1 else list(got)
 
     def __contains__(self, instrument_id: str) -> bool:
         return instrument_id in self._index

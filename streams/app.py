@@ -42,7 +42,7 @@ from schemas import Codec, ConfluentCodec, SchemaError
 from .feed import install as install_feed
 from .outputs import OutputProducer
 from . import rowblock
-from .processor import Output, Rejected, RiskProcessor, account_from_bytes, n_rows
+from .processor import Output, Rejected, RiskProcessor, account_parts, n_rows
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -231,7 +231,7 @@ class Pipeline:
         """The account path: the accounts table and agent, the market reader, the timers."""
         s = self.s
         # records recover as the bytes persisted (value_type bytes: Faust's raw codec), read by
-        # account_from_bytes in either format; Faust's JSON codec would refuse format 2
+        # account_parts in either format; Faust's JSON codec would refuse format 2
         self.table = app.Table("accounts", default=None, partitions=s.partitions,
                                key_type=bytes, value_type=bytes)
         self.account_topic = app.topic(s.topic("trades"), s.topic("collateral"),
@@ -403,21 +403,24 @@ class Pipeline:
         self.needs_sync = False
         self._synced_once = True
         owned = self.owned_partitions()
+        t0 = time.perf_counter()
         proc = self.processor
         keep, resend = [], []
-        for key, rec in self.table.data.items():
+        for key, value in self.table.data.items():
+            if not value:
+                continue
             acct = key.decode() if isinstance(key, bytes) else key
-            rec = account_from_bytes(rec) if rec else None  # persisted or recovered bytes
-            if rec is None or rec.get("p", -1) not in owned:
+            rec, names, qty, cost = account_parts(value)  # persisted or recovered bytes
+            if rec.get("p", -1) not in owned:
                 continue
             keep.append(acct)
             if acct not in proc.seq or proc.seq[acct] != rec["seq"] or \
                     proc.offsets.get(acct) != rec["off"]:
-                proc.load_account(acct, rec)
+                proc.load_account_parts(acct, rec, names, qty, cost)
                 resend += proc.outbox.get(acct, [])
         proc.drop_accounts(keep)
-        log.info("synced %d accounts from table for partitions %s (%d outbox events to "
-                 "re-send)", len(keep), sorted(owned), len(resend))
+        log.info("synced %d accounts from table for partitions %s in %.3f s (%d outbox events "
+                 "to re-send)", len(keep), sorted(owned), time.perf_counter() - t0, len(resend))
         return resend
 
     async def sync(self) -> None:

@@ -242,6 +242,26 @@ class RiskProcessor:
                 # a balance in an asset first seen in this record: register it like a deposit
                 self.universe.add_underlying(inst)
         self.book.load(acct, [E.Position(i, q, c) for i, q, c in rec["pos"]])
+        self._load_head(acct, rec)
+
+    def load_account_parts(self, acct: str, rec: dict, names: list, qty: np.ndarray,
+                           cost: np.ndarray) -> None:
+        """:meth:`load_account` from :func:`account_parts` (a restart loads every recovered
+        account this way: the positions written as one slice, see ``AccountBook.load_arrays``;
+        the same book, state and outbox)."""
+        uni = self.universe
+        try:
+            rows = uni.rows(names)
+        except E.UnknownInstrument:
+            for inst in names:
+                if inst not in uni:
+                    uni.add_underlying(inst)  # as in load_account
+            rows = uni.rows(names)
+        self.book.load_arrays(acct, rows, qty, cost)
+        self._load_head(acct, rec)
+
+    def _load_head(self, acct: str, rec: dict) -> None:
+        """An account record's state, sequence, offsets, partition and outbox."""
         self.state[acct] = rec["st"]
         self.seq[acct] = rec["seq"]
         r = self._ensure_rows(self.book.row(acct))
@@ -753,15 +773,28 @@ def account_from_bytes(value: bytes) -> dict:
     from either format: 2 (:meth:`RiskProcessor.account_record_bytes`) or 1 (JSON)."""
     if value[:1] != _RECORD_V2:
         return orjson.loads(value)
+    rec, names, qty, cost = account_parts(value)
+    rec["pos"] = [[i, q, c] for i, q, c in zip(names, qty.tolist(), cost.tolist())]
+    return rec
+
+
+def account_parts(value: bytes) -> tuple[dict, list, np.ndarray, np.ndarray]:
+    """An account's changelog record as its head (the dict of :func:`account_from_bytes`
+    without ``pos``), the instruments held, and their quantities and costs as float64 arrays
+    (format 2: views of ``value``). For :meth:`RiskProcessor.load_account_parts`."""
+    if value[:1] != _RECORD_V2:
+        rec = orjson.loads(value)
+        pos = rec.pop("pos")
+        return (rec, [p[0] for p in pos], np.array([p[1] for p in pos], dtype=np.float64),
+                np.array([p[2] for p in pos], dtype=np.float64))
     n = int.from_bytes(value[1:5], "little")
     rec = orjson.loads(value[5:5 + n])
     names = rec.pop("pi")
     k = len(names)
     if len(value) != 5 + n + 16 * k:
         raise ValueError(f"account record of {len(value)} bytes, expected {5 + n + 16 * k}")
-    nums = np.frombuffer(value, dtype="<f8", count=2 * k, offset=5 + n).tolist()
-    rec["pos"] = [[i, q, c] for i, q, c in zip(names, nums[:k], nums[k:])]
-    return rec
+    nums = np.frombuffer(value, dtype="<f8", count=2 * k, offset=5 + n)
+    return rec, names, nums[:k], nums[k:]
 
 
 def event_to_json(e: dict) -> dict:

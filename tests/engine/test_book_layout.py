@@ -110,3 +110,40 @@ def test_margin_job_results_hold_for_rows_not_written_meanwhile():
     for f in ("equity", "im", "mm", "worst_underlying", "worst_scenario", "worst_pnl",
               "greeks"):
         assert np.array_equal(getattr(part, f), getattr(now, f)), f
+
+
+def test_loading_from_arrays_matches_loading_position_by_position():
+    """``load_arrays`` (a restart's bulk load) against ``load``: the same slots in the same
+    order, zero positions left out, an instrument given twice as ``load`` does it (the last
+    wins), and the same errors for values ``load`` refuses."""
+    uni = make_universe()
+    rng = np.random.default_rng(11)
+    names = [inst.id for inst in uni.instruments]
+    by_load, by_arrays = E.AccountBook(uni, capacity=2), E.AccountBook(uni, capacity=2)
+    for step in range(600):
+        a = f"a{int(rng.integers(30))}"
+        k = int(rng.integers(0, 12))
+        picked = [names[int(i)] for i in rng.integers(len(names), size=k)]
+        qty = rng.choice([0.0, -2.5, 1.0, 3.0], size=k)
+        cost = rng.choice([0.0, 10.0, -4.0], size=k)
+        if step % 7 == 0 and k:
+            picked[-1] = picked[0]  # an instrument twice
+        by_load.load(a, [E.Position(i, q, c) for i, q, c in zip(picked, qty, cost)])
+        by_arrays.load_arrays(a, [uni.row(i) for i in picked], qty, cost)
+        assert by_arrays.position_tuples(a) == by_load.position_tuples(a), (step, a)
+    assert by_arrays.ids == by_load.ids
+    for a in by_load.ids:
+        assert by_arrays.position_tuples(a) == by_load.position_tuples(a), a
+
+    row = uni.row(names[0])
+    for q, c in ((float("nan"), 0.0), (1.0, float("inf")), (2e9, 0.0)):
+        errors = []
+        for book, load in ((by_load, lambda: by_load.load("bad", [E.Position(names[0], q, c)])),
+                           (by_arrays, lambda: by_arrays.load_arrays("bad", [row],
+                                                                     np.array([q]),
+                                                                     np.array([c])))):
+            try:
+                load()
+            except E.EngineError as exc:
+                errors.append((type(exc), str(exc)))
+        assert len(errors) == 2 and errors[0] == errors[1], (q, c, errors)

@@ -4,7 +4,7 @@ account loaded from either rebuilds the same state."""
 import orjson
 import pytest
 
-from streams.processor import RiskProcessor, account_from_bytes
+from streams.processor import RiskProcessor, account_from_bytes, account_parts
 from tests.pipeline.workload import account_events, market_ready
 
 
@@ -47,6 +47,23 @@ def test_an_account_loads_the_same_from_either_format():
             other.load_account(a, account_from_bytes(value))
             twins.append(other.account_record_bytes(a))
         assert twins[0] == twins[1] == v2, a
+
+
+def test_a_restart_loads_an_account_from_its_parts_as_from_its_record():
+    """The restart's bulk path (``account_parts`` and ``load_account_parts``, the positions
+    written as one slice) against ``load_account``, from either format: the same book and
+    record, byte for byte."""
+    proc = _processor_with_history()
+    for a in list(proc.offsets):
+        v2 = proc.account_record_bytes(a)
+        v1 = orjson.dumps(proc.account_record(a), option=orjson.OPT_SERIALIZE_NUMPY)
+        for value in (v1, v2):
+            ref = market_ready(RiskProcessor(clock=lambda: 1_800_000_000.0))
+            ref.load_account(a, account_from_bytes(value))
+            got = market_ready(RiskProcessor(clock=lambda: 1_800_000_000.0))
+            got.load_account_parts(a, *account_parts(value))
+            assert got.account_record_bytes(a) == ref.account_record_bytes(a) == v2, a
+            assert got.outbox.get(a) == ref.outbox.get(a), a
 
 
 def test_a_truncated_record_is_refused():

@@ -172,7 +172,7 @@ def test_two_workers_split_partitions_and_match_single_worker(settings):
         # both workers did part of the work
         for w in (a, b):
             assert "synced" in w.log()
-        owned = [w.log().rsplit("for partitions ", 1)[-1].splitlines()[0] for w in (a, b)]
+        owned = [re.findall(r"for partitions (\[[^\]]*\])", w.log())[-1] for w in (a, b)]
         assert owned[0] != owned[1] and "[]" not in owned, owned
     finally:
         a.stop()
@@ -200,7 +200,7 @@ def test_a_worker_joining_mid_stream_takes_over_partitions_with_their_state(sett
         _check(settings, expected, proc, state, want)
         replayed = re.search(r"replayed (\d+) changelog records in bulk", b.log())
         assert replayed and int(replayed.group(1)) > 0, b.log()[-2000:]
-        owned = [w.log().rsplit("for partitions ", 1)[-1].splitlines()[0] for w in (a, b)]
+        owned = [re.findall(r"for partitions (\[[^\]]*\])", w.log())[-1] for w in (a, b)]
         assert owned[0] != owned[1] and "[]" not in owned, owned
     finally:
         a.stop()
