@@ -39,7 +39,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 import engine as E
 from schemas import Codec, ConfluentCodec, SchemaError
 
-from .feed import install as install_feed
+from .feed import PromptTableManager, install as install_feed
 from .outputs import OutputProducer
 from . import rowblock
 from .processor import Output, Rejected, RiskProcessor, account_parts, n_rows
@@ -184,7 +184,8 @@ class Pipeline:
             stream_buffer_maxsize=65536, stream_wait_empty=False,
             web_enabled=s.web_port > 0, web_port=max(s.web_port, 1), web_bind=s.web_host,
             producer_acks=-1, producer_linger_ms=2, table_standby_replicas=0,
-            topic_allow_declare=True, key_serializer="raw", value_serializer="raw", **kw)
+            topic_allow_declare=True, key_serializer="raw", value_serializer="raw",
+            TableManager=PromptTableManager, **kw)
         self.app = app
         raw = dict(key_type=bytes, value_type=bytes, key_serializer="raw",
                    value_serializer="raw")
@@ -276,22 +277,29 @@ class Pipeline:
                 log.exception("broadcast reader failed; stopping the worker")
                 await app.crash(exc)
 
-        @app.timer(0.5)
+        @app.task
         async def presync():
             """At start, load the recovered accounts into the engine as soon as the table is
             recovered instead of inside the first batch (a latency spike). Only the first
             time: Faust never clears its recovery-completed flag, so after a rebalance the
             flag cannot tell whether the new partitions are recovered yet; then the first
-            batch syncs, as it can only arrive once they are."""
-            if not self._synced_once and self.needs_sync and self.ref_ready.is_set() and \
-                    self._recovered() and not self.app.in_recovery:
-                async with self.work_lock:
-                    await self.sync()
-                    if gc.get_freeze_count():  # the start-up heap was frozen (cli._tune_gc)
-                        # the recovered accounts are long-lived too: out of the collector's
-                        # sight, or its first full collection walks them during live traffic
-                        gc.collect()
-                        gc.freeze()
+            batch syncs, as it can only arrive once they are. Polled every 50 ms until done
+            (a half-second timer left a restarted worker idle for a quarter second on
+            average once the replay went in bulk), then the task ends."""
+            while not self._synced_once:
+                if self.needs_sync and self.ref_ready.is_set() and self._recovered() and \
+                        not self.app.in_recovery:
+                    async with self.work_lock:
+                        if self._synced_once:  # the first batch was first
+                            return
+                        await self.sync()
+                        if gc.get_freeze_count():  # the start-up heap was frozen (cli._tune_gc)
+                            # the recovered accounts are long-lived too: out of the collector's
+                            # sight, or its first full collection walks them during live traffic
+                            gc.collect()
+                            gc.freeze()
+                    return
+                await asyncio.sleep(0.05)
 
         @app.timer(5.0)
         async def stress():

@@ -938,7 +938,7 @@ def run(events=200_000, accounts=20_000, latency_rate=10_000, latency_seconds=10
             deadline = t_start + 300
             while time.time() < deadline and _metric(16066, "riskpipe_ready") != 1 \
                     and p.poll() is None:  # restarted: recovers its table from the changelog
-                time.sleep(0.5)
+                time.sleep(0.1)
             result["restart"] = {
                 "ready_s": round(time.time() - t_start, 1),
                 "recovery_s": _metric(16066, "riskpipe_last_recovery_seconds"),

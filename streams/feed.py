@@ -33,6 +33,7 @@ import logging
 import time
 from collections import deque
 
+from faust.tables import TableManager
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP
 from mode.utils.futures import notify
@@ -538,6 +539,20 @@ class BatchTransport(faust_aiokafka.Transport):
     fetch_max_wait_ms: int | None = None
     fetch_min_bytes: int | None = None
     prefetch_backoff_ms: int | None = None
+
+
+class PromptTableManager(TableManager):
+    """Faust's table manager without the second it sleeps before registering the tables.
+
+    Why: Faust waits a fixed 1.0 s at start so that tables declared late can still register;
+    every worker start, a restart after a crash included, paid it before recovery could begin
+    (a third of a restart's 2.9 s in the bench). The app declares its tables before it starts
+    (``Pipeline._build``), and Faust refuses one added after they are registered."""
+
+    async def on_start(self) -> None:
+        if not self.should_stop:
+            await self._update_channels()
+            await self.recovery.start()
 
 
 def install(app, groups: dict[str, list[str]], max_fetches: dict[str, int] | None = None,
