@@ -51,8 +51,7 @@ class Settings(BaseSettings):
                            "the inserts wait for spare CPU instead of delaying margin calls")
     event_loop: Literal["uvloop", "asyncio"] = Field(
         "uvloop", description="event loop of a worker's threads (its own and the Kafka "
-        "consumer's): on uvloop a restarted worker replays its table's changelog about a "
-        "fifth faster")
+        "consumer's); asyncio for the standard library's")
     web_port: int = Field(6066, description="worker web port (metrics, SQL endpoint)")
     web_host: str = "127.0.0.1"
     batch_max: int = Field(2000, ge=1, description="max account events per micro-batch "

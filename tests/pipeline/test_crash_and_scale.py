@@ -63,6 +63,17 @@ def _wait_all_applied(settings, expected_proc, timeout=120):
     return state, want
 
 
+def _owned(worker) -> str:
+    """The partitions a worker's last sync loaded, as its log prints them."""
+    return re.findall(r"for partitions (\[[^\]]*\])", worker.log())[-1]
+
+
+def _replayed(worker) -> int:
+    """Changelog records a worker's bulk replay applied (streams/feed.py), 0 if none."""
+    m = re.search(r"replayed (\d+) changelog records in bulk", worker.log())
+    return int(m.group(1)) if m else 0
+
+
 def _positions(rec):
     return sorted((i, round(q, 9), round(c, 6)) for i, q, c in rec["pos"])
 
@@ -172,7 +183,7 @@ def test_two_workers_split_partitions_and_match_single_worker(settings):
         # both workers did part of the work
         for w in (a, b):
             assert "synced" in w.log()
-        owned = [re.findall(r"for partitions (\[[^\]]*\])", w.log())[-1] for w in (a, b)]
+        owned = [_owned(w) for w in (a, b)]
         assert owned[0] != owned[1] and "[]" not in owned, owned
     finally:
         a.stop()
@@ -198,9 +209,8 @@ def test_a_worker_joining_mid_stream_takes_over_partitions_with_their_state(sett
         _publish(settings, events[half:])
         state, want = _wait_all_applied(settings, proc)
         _check(settings, expected, proc, state, want)
-        replayed = re.search(r"replayed (\d+) changelog records in bulk", b.log())
-        assert replayed and int(replayed.group(1)) > 0, b.log()[-2000:]
-        owned = [re.findall(r"for partitions (\[[^\]]*\])", w.log())[-1] for w in (a, b)]
+        assert _replayed(b) > 0, b.log()[-2000:]
+        owned = [_owned(w) for w in (a, b)]
         assert owned[0] != owned[1] and "[]" not in owned, owned
     finally:
         a.stop()
@@ -241,12 +251,12 @@ def test_recovery_from_changelog_after_losing_local_state(settings):
         assert "event loop: uvloop.Loop" in w2.log()  # the default loop
         # the changelog went through the bulk replay (streams/feed.py), at least one record
         # per account, and /metrics tells ops how many and how long
-        replayed = re.search(r"replayed (\d+) changelog records in bulk", w2.log())
-        assert replayed and int(replayed.group(1)) >= 120, w2.log()[-2000:]
+        replayed = _replayed(w2)
+        assert replayed >= 120, w2.log()[-2000:]
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
             metrics = dict(line.split(" ", 1) for line in r.read().decode().splitlines()
                            if line and not line.startswith("#"))
-        assert metrics["riskpipe_changelog_replayed_records_total"] == replayed.group(1)
+        assert metrics["riskpipe_changelog_replayed_records_total"] == str(replayed)
         assert 0 < float(metrics["riskpipe_last_recovery_seconds"]) < 60
         _publish(settings, more)
         state, want = _wait_all_applied(settings, proc2)
