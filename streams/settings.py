@@ -55,7 +55,8 @@ class Settings(BaseSettings):
     web_port: int = Field(6066, description="worker web port (metrics, SQL endpoint)")
     web_host: str = "127.0.0.1"
     # Why 8,000 and not 2,000: the cap only matters with a backlog (live, a batch holds what
-    # arrived while the last one ran, a few hundred events at 10,000 ev/s). Draining one, a
+    # arrived while the last one ran: at 10,000 ev/s the bench's records come in some 1,300
+    # partition fetches a second, each batch takes what is queued). Draining a backlog, a
     # larger batch touches each account fewer times per event (one changelog record per
     # account per batch) and has fewer units awaiting the broker: the bench's 300,000-event
     # burst at 0.74-1.14 of the in-process yardstick (five runs) instead of 0.51-0.68 (eight;
