@@ -237,12 +237,16 @@ class RiskProcessor:
                 "out": [event_to_json(e) for e in out] if out else []}
 
     def load_account(self, acct: str, rec: dict) -> None:
-        for inst, _, _ in rec["pos"]:
-            if inst not in self.universe:
-                # a balance in an asset first seen in this record: register it like a deposit
-                self.universe.add_underlying(inst)
+        self._register_assets(i for i, _, _ in rec["pos"])
         self.book.load(acct, [E.Position(i, q, c) for i, q, c in rec["pos"]])
         self._load_head(acct, rec)
+
+    def _register_assets(self, names) -> None:
+        """Register each of ``names`` the universe does not list: a balance in an asset first
+        seen in a recovered record, registered as a deposit in it would be."""
+        for inst in names:
+            if inst not in self.universe:
+                self.universe.add_underlying(inst)
 
     def load_account_parts(self, acct: str, rec: dict, names: list, qty: np.ndarray,
                            cost: np.ndarray) -> None:
@@ -253,9 +257,7 @@ class RiskProcessor:
         try:
             rows = uni.rows(names)
         except E.UnknownInstrument:
-            for inst in names:
-                if inst not in uni:
-                    uni.add_underlying(inst)  # as in load_account
+            self._register_assets(names)
             rows = uni.rows(names)
         self.book.load_arrays(acct, rows, qty, cost)
         self._load_head(acct, rec)

@@ -5,11 +5,11 @@ import orjson
 import pytest
 
 from streams.processor import RiskProcessor, account_from_bytes, account_parts
-from tests.pipeline.workload import account_events, market_ready
+from tests.pipeline.workload import account_events, market_ready, steady_processor
 
 
 def _processor_with_history(n_accounts=40):
-    proc = market_ready(RiskProcessor(snapshot_interval_ms=0, clock=lambda: 1_800_000_000.0))
+    proc = steady_processor()
     deposits, trades = account_events(n_accounts)
     events = [(name, rec, topic, k % 3, k) for k, (topic, name, rec) in
               enumerate(deposits + trades)]

@@ -4,12 +4,11 @@ ones, and a restart may cut the same input differently; liquidation bots must se
 events, ids and contents included, whichever way it was cut."""
 import pytest
 
-from streams.processor import RiskProcessor
-from tests.pipeline.workload import account_events, market_ready
+from tests.pipeline.workload import account_events, steady_processor
 
 
 def _run(events, size):
-    proc = market_ready(RiskProcessor(snapshot_interval_ms=0, clock=lambda: 1_800_000_000.0))
+    proc = steady_processor()
     margin_events = []
     for lo in range(0, len(events), size):
         margin_events += proc.apply_account_events(events[lo:lo + size]).events

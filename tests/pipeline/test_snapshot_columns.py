@@ -5,12 +5,8 @@ the columns were merged across rounds."""
 import numpy as np
 
 from streams import rowblock
-from streams.processor import EXPOSURE_COLUMNS, SNAPSHOT_COLUMNS, Output, RiskProcessor
-from tests.pipeline.workload import account_events, market_ready
-
-
-def _processor():
-    return market_ready(RiskProcessor(snapshot_interval_ms=0, clock=lambda: 1_800_000_000.0))
+from streams.processor import EXPOSURE_COLUMNS, SNAPSHOT_COLUMNS, Output
+from tests.pipeline.workload import account_events, steady_processor
 
 
 def _rows(out: Output, table: str) -> list[tuple]:
@@ -28,7 +24,7 @@ def _rows(out: Output, table: str) -> list[tuple]:
 
 
 def _run(batches) -> Output:
-    proc = _processor()
+    proc = steady_processor()
     total = Output()
     for batch in batches:
         total.extend(proc.apply_account_events(batch))
@@ -53,7 +49,7 @@ def test_rows_equal_one_by_one_and_in_one_batch():
 
 
 def test_merging_an_empty_exposure_round_keeps_integer_times():
-    proc = _processor()
+    proc = steady_processor()
     deposits, trades = account_events(3)
     first = proc.apply_account_events([(n, r, t, 0, k) for k, (t, n, r) in
                                        enumerate(deposits[:1])])  # cash only: no greeks
@@ -112,7 +108,7 @@ def test_mixed_rounds_equal_one_by_one():
     events.append(events[len(deposits) + 3])  # a replay: skipped both ways
 
     def run(batches):
-        proc = _processor()
+        proc = steady_processor()
         total = Output()
         for batch in batches:
             total.extend(proc.apply_account_events(batch))

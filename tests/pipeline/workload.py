@@ -72,6 +72,12 @@ def market_ready(proc: RiskProcessor) -> RiskProcessor:
     return proc
 
 
+def steady_processor() -> RiskProcessor:
+    """:func:`market_ready` with a fixed clock and a snapshot on every touch: outputs that
+    depend only on the input, for comparing two ways of applying it."""
+    return market_ready(RiskProcessor(snapshot_interval_ms=0, clock=lambda: 1_800_000_000.0))
+
+
 def replay(events):
     """Offline: the events every account must produce, and its final stored record."""
     proc = market_ready(RiskProcessor())
