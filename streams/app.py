@@ -40,6 +40,7 @@ import engine as E
 from schemas import Codec, ConfluentCodec, SchemaError
 
 from .feed import PromptTableManager, install as install_feed
+from .osthread import name_this_thread
 from .outputs import OutputProducer
 from . import rowblock
 from .processor import Output, Rejected, RiskProcessor, account_parts, n_rows
@@ -157,7 +158,9 @@ class Pipeline:
         # after the one before it (see acknowledge_later)
         self._pending: collections.deque[asyncio.Future] = collections.deque()
         # the market tick's margin kernel runs here, off the event loop (see market_tick)
-        self._tick_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tick")
+        self._tick_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tick",
+                                             initializer=name_this_thread,
+                                             initargs=("riskpipe-tick",))
         if sink is not None:
             sink.on_batch = self.sink_latency.observe
         self._applied: dict = {}   # broadcast TopicPartition -> next offset to apply

@@ -208,6 +208,14 @@ def _sink_totals(port) -> tuple[float, float, float]:
     return n, secs, rows
 
 
+def _counter(lines, name: str) -> float:
+    """An unlabelled counter's value in a scrape (0 if absent)."""
+    for line in lines:
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return 0.0
+
+
 def _stages(lines) -> dict[str, float]:
     """The worker's seconds per stage (``riskpipe_stage_seconds_total``) in a scrape."""
     return {line.split('"')[1]: float(line.split()[-1]) for line in lines
@@ -237,13 +245,33 @@ def _time_breakdown(pid, first, last) -> dict:
     (t0, lines0, th0), (t1, lines1, th1) = first, last
     window = max(t1 - t0, 1e-9)
     main0, main1 = th0.get(pid, ("", 0.0, 0.0)), th1.get(pid, ("", 0.0, 0.0))
-    others = sum(v[1] - th0.get(t, (None, 0.0, 0.0))[1] for t, v in th1.items() if t != pid)
+    by_name: dict[str, float] = {}
+    for t, v in th1.items():
+        if t != pid:
+            by_name[v[0]] = by_name.get(v[0], 0.0) + v[1] - th0.get(t, (None, 0.0, 0.0))[1]
+    others = sum(by_name.values())
     st0, st1 = _stages(lines0), _stages(lines1)
+    units = [_counter(lines, "riskpipe_batches_total") for lines in (lines0, lines1)]
+    events = [_counter(lines, "riskpipe_events_in_total") for lines in (lines0, lines1)]
     return {"window_s": round(window, 3),
+            # units of work (the account path's micro-batches) and their events: each unit
+            # has a fixed cost, so the events per unit say how much of it the load shares
+            "account_units": int(units[1] - units[0]),
+            "account_unit_events": int(events[1] - events[0]),
             "event_loop_thread_on_cpu_s": round(main1[1] - main0[1], 3),
             "event_loop_thread_waiting_for_cpu_s": round(main1[2] - main0[2], 3),
             "other_threads_on_cpu_s": round(others, 3),
+            # by the threads' kernel names (streams/osthread.py; librdkafka's "rdk:*"); the
+            # kernels' OpenMP threads carry the process's name
+            "other_threads_by_name": {k: round(v, 3) for k, v in
+                                      sorted(by_name.items(), key=lambda kv: -kv[1])},
             "stage_seconds": {k: round(v - st0.get(k, 0.0), 3) for k, v in st1.items()}}
+
+
+def _own_cpu_seconds() -> float:
+    """CPU seconds of this process so far, threads that have ended included."""
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
 
 
 def _broker_pid(port) -> int | None:
@@ -470,6 +498,7 @@ def _latency_phase(settings, port, worker, sink, *args, sink_port=None) -> dict:
              "broker": _broker_pid(port)}
     procs = {k: v for k, v in procs.items() if v is not None and Path(f"/proc/{v}").exists()}
     before = {k: _process_times(v) for k, v in procs.items()}
+    bench0 = _own_cpu_seconds()
     sink0 = _sink_totals(sink_port or web)
     first = (time.perf_counter(), _scrape(web), _thread_times(worker.pid))
     out = _latency(settings, *args)
@@ -484,6 +513,10 @@ def _latency_phase(settings, port, worker, sink, *args, sink_port=None) -> dict:
         (c0, w0, _), (c1, w1, _) = before[k], after[k]
         out["time_breakdown"][f"{k}_on_cpu_s"] = round(c1 - c0, 3)
         out["time_breakdown"][f"{k}_waiting_for_cpu_s"] = round(w1 - w0, 3)
+    # the bench itself (the generator, its Kafka client, the reader of results: threads
+    # that end with the phase, so counted by the process's own usage) shares the two CPUs
+    # too; a load from other hosts would not take this share
+    out["time_breakdown"]["bench_process_on_cpu_s"] = round(_own_cpu_seconds() - bench0, 3)
     out["broker_jit_cpu_s"] = (round(after["broker"][2] - before["broker"][2], 2)
                                if "broker" in procs else None)
     return out

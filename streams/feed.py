@@ -38,6 +38,8 @@ from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP
 from mode.utils.futures import notify
 
+from .osthread import name_this_thread
+
 log = logging.getLogger(__name__)
 
 # records an aligned feed may hold back per fetch of its bound before pausing (see put)
@@ -514,6 +516,7 @@ class BatchConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
       the later seconds 15-47 ms). ``prefetch_backoff_ms`` caps it."""
 
     async def on_start(self) -> None:
+        name_this_thread("riskpipe-fetch")  # on_start runs on the consumer's own thread
         await super().on_start()
         backoff_ms = getattr(self.transport, "prefetch_backoff_ms", None)
         if backoff_ms is not None:  # the fetcher exists once the consumer has started

@@ -27,6 +27,7 @@ from functools import partial
 
 from confluent_kafka import Producer
 
+from .osthread import name_this_thread
 from .settings import Settings
 
 
@@ -130,6 +131,7 @@ class OutputProducer:
         self._poller.start()
 
     def _serve(self) -> None:
+        name_this_thread("riskpipe-report")
         while not self._stop.is_set():
             self.producer.poll(0.1)
 

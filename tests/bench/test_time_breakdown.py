@@ -27,16 +27,23 @@ def test_breakdown_is_the_difference_between_snapshots():
     pid = 100
     lines0 = ['riskpipe_stage_seconds_total{stage="process"} 1.5',
               'riskpipe_stage_seconds_total{stage="backpressure"} 0.25']
-    lines1 = ['riskpipe_stage_seconds_total{stage="process"} 4.0',
+    lines0 += ["riskpipe_batches_total 40", "riskpipe_events_in_total 4000"]
+    lines1 = ["riskpipe_batches_total 65", "riskpipe_events_in_total 5000",
+              'riskpipe_stage_seconds_total{stage="process"} 4.0',
               'riskpipe_stage_seconds_total{stage="backpressure"} 0.75',
               'riskpipe_stage_seconds_total{stage="wait"} 0.5']  # first seen in the window
     th0 = {100: ("python", 10.0, 1.0), 101: ("rdk:broker1", 2.0, 0.5)}
+    th0[103] = ("rdk:broker2", 1.0, 0.0)
     th1 = {100: ("python", 12.5, 1.25), 101: ("rdk:broker1", 2.5, 0.75),
-           102: ("tick_0", 0.25, 0.0)}  # a thread started in the window counts from zero
+           102: ("riskpipe-tick", 0.25, 0.0),  # started in the window: counts from zero
+           103: ("rdk:broker2", 1.125, 0.0), 104: ("riskpipe-tick", 0.125, 0.0)}
     out = _time_breakdown(pid, (1.0, lines0, th0), (4.0, lines1, th1))
-    assert out == {"window_s": 3.0, "event_loop_thread_on_cpu_s": 2.5,
+    assert out == {"window_s": 3.0, "account_units": 25, "account_unit_events": 1000,
+                   "event_loop_thread_on_cpu_s": 2.5,
                    "event_loop_thread_waiting_for_cpu_s": 0.25,
-                   "other_threads_on_cpu_s": 0.75,
+                   "other_threads_on_cpu_s": 1.0,
+                   "other_threads_by_name": {"rdk:broker1": 0.5, "riskpipe-tick": 0.375,
+                                             "rdk:broker2": 0.125},
                    "stage_seconds": {"process": 2.5, "backpressure": 0.5, "wait": 0.5}}
 
 
@@ -69,3 +76,21 @@ def test_broker_jit_seconds_sums_the_compiler_threads(tmp_path, monkeypatch):
     t.join()
     assert 0.19 <= seen[0] - before < 0.3
     assert _broker_jit_seconds(39998) is None  # no broker started on that port
+
+
+def test_a_named_thread_shows_its_name_to_the_kernel():
+    """streams/osthread.py: the name the breakdown groups the worker's threads by."""
+    import threading
+
+    from streams.osthread import name_this_thread
+
+    seen = []
+
+    def run():
+        name_this_thread("riskpipe-a-very-long-name")
+        seen.append(_thread_times(os.getpid())[threading.get_native_id()][0])
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    assert seen == ["riskpipe-a-very"]  # the kernel keeps 15 bytes
