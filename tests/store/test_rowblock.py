@@ -60,7 +60,11 @@ def _select_native(st, table, n):
 
 
 @pytest.mark.parametrize("table,cols", [("risk_snapshots", _snapshots(500)),
-                                        ("exposures", _exposures(600))])
+                                        ("exposures", _exposures(600)),
+                                        # a unit of work's few rows: text laid out by the
+                                        # small-block loop, not the numpy pass
+                                        ("risk_snapshots", _snapshots(7)),
+                                        ("exposures", _exposures(6))])
 def test_blocks_are_byte_identical_to_clickhouses_own_native_output(store, table, cols):
     """Rows inserted through clickhouse-connect's own encoder, read back by ClickHouse as
     Native: the same bytes as this module's block of those rows."""
@@ -93,6 +97,19 @@ def test_blocks_store_exactly_what_clickhouse_connect_stores(store):
     ours = store.client.query(q.format(db=db, t="risk_snapshots")).result_rows
     theirs = store.client.query(q.format(db=db, t="twin")).result_rows
     assert len(ours) == 3000 and ours == theirs
+
+
+@pytest.mark.parametrize("n", [1, 5, rowblock._SMALL, rowblock._SMALL + 1, 300])
+def test_text_columns_encode_alike_on_both_paths(n):
+    """The small-block loop and the numpy pass lay out the same bytes: ASCII, empty,
+    multi-byte UTF-8 and values over 127 bytes (a two-byte length) included."""
+    pool = ["acct-000001", "", "BTC", "compte-é", "x" * 130, "口座-7", "ETH", "y" * 127]
+    vals = [pool[k % len(pool)] for k in range(n)]
+    want = b"".join(rowblock._text(v) for v in vals)
+    assert rowblock._strings(vals) == want
+    assert rowblock._strings_small(vals) == want
+    ascii_short = [f"acct-{k:06d}" for k in range(n)]
+    assert rowblock._strings(ascii_short) == b"".join(rowblock._text(v) for v in ascii_short)
 
 
 def test_decode_reads_back_what_was_encoded():
