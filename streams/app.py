@@ -209,6 +209,9 @@ class Pipeline:
                                                      else s.sink_fetch_max_wait_ms),
                                   fetch_min_bytes=(1 if self.margin_role
                                                    else s.sink_fetch_min_bytes),
+                                  gather=((s.fetch_gather_bytes, s.fetch_gather_ms)
+                                          if self.margin_role and s.fetch_gather_ms > 0
+                                          else None),
                                   prefetch_backoff_ms=s.prefetch_backoff_ms,
                                   aligned={"accounts": s.align_max_wait_ms},
                                   max_bytes={g: s.sink_buffer_mb << 20 for g in sinks},

@@ -363,7 +363,8 @@ def test_a_sink_process_polls_the_broker_less_often_than_a_margin_worker(tmp_pat
     """A sink process's batches wait up to a second anyway, so its consumer lets the broker
     hold a fetch for 500 ms instead of 20 (an idle sink polling every 20 ms cost it and the
     broker about 3% of a CPU each) until 1 MiB has arrived (under load, each fetch returned a
-    message or two); any process with the account path keeps 20 ms and answers at once."""
+    message or two); any process with the account path keeps 20 ms and answers at once
+    unless records are flowing."""
     from streams.app import Pipeline
     from streams.settings import Settings
     from streams.store import make_sink
@@ -379,9 +380,13 @@ def test_a_sink_process_polls_the_broker_less_often_than_a_margin_worker(tmp_pat
             return app.consumer._new_consumer_thread()._create_worker_consumer(app.transport)
 
         consumer = asyncio.run(consumer_of(pipe.app))
-        waits[role] = (consumer._fetch_max_wait_ms, consumer._fetch_min_bytes)
+        waits[role] = (consumer._fetch_max_wait_ms, consumer._fetch_min_bytes,
+                       pipe.app.transport.gather)
         pipe.out.producer = None  # never started: no client left trying to reach a broker
-    assert waits == {"margin": (20, 1), "sink": (500, 1 << 20), "all": (20, 1)}
+    # a process with the account path gathers its fetches for 5 ms while records flow
+    # (tests/kafka/test_fetch_gather.py); a sink process's fetches always wait to fill
+    assert waits == {"margin": (20, 1, (16384, 5)), "sink": (500, 1 << 20, None),
+                     "all": (20, 1, (16384, 5))}
 
 
 def test_a_changelog_replayed_in_bulk_leaves_the_store_as_fausts_own_replay_would():
