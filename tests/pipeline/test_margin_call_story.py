@@ -29,13 +29,18 @@ INSTRUMENT = dict(id="BTC-55000-P", kind="PUT", underlying="BTC", settlement="LI
                   multiplier=1.0, strike=K, expiry=EXP, lot_size=0.1, ts=T0)
 
 
-def test_flash_crash_story(settings):
+def start_put_market(settings):
+    """The put listed and quoted at 60,000, then a worker started: (publisher, quote, worker)."""
     pub = Publisher(settings)
     pub.record("instruments", "Instrument", INSTRUMENT["id"], INSTRUMENT)
     q0 = put_quote(60_000, 0)
     pub.record("quotes", "Quote", q0["instrument"], q0)
     pub.flush()
-    w = WorkerProcess(settings).start()
+    return pub, q0, WorkerProcess(settings).start()
+
+
+def test_flash_crash_story(settings):
+    pub, q0, w = start_put_market(settings)
     events = TopicReader(settings, "margin-calls")
     changelog = ChangelogReader(settings)
     try:

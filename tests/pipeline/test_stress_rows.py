@@ -6,9 +6,8 @@ import orjson
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 
-from streams.publish import Publisher
-from tests.pipeline.harness import ChangelogReader, WorkerProcess
-from tests.pipeline.test_margin_call_story import INSTRUMENT, T0, put_quote
+from tests.pipeline.harness import ChangelogReader
+from tests.pipeline.test_margin_call_story import T0, start_put_market
 
 pytestmark = pytest.mark.kafka
 
@@ -35,12 +34,7 @@ def _stress_rows(settings, timeout=30.0):
 
 
 def test_stress_rows_reach_the_topic(settings):
-    pub = Publisher(settings)
-    pub.record("instruments", "Instrument", INSTRUMENT["id"], INSTRUMENT)
-    q0 = put_quote(60_000, 0)
-    pub.record("quotes", "Quote", q0["instrument"], q0)
-    pub.flush()
-    w = WorkerProcess(settings).start()
+    pub, q0, w = start_put_market(settings)
     changelog = ChangelogReader(settings)
     try:
         pub.collateral("dep-1", "alice", "USD", 75_000.0, ts=T0)
