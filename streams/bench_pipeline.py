@@ -132,11 +132,16 @@ def _scrape(port) -> list[str]:
         return []
 
 
-def _metric(port, name):
-    for line in _scrape(port):
+def _value(lines, name: str) -> float | None:
+    """An unlabelled metric's value in a scrape (None if absent)."""
+    for line in lines:
         if line.startswith(name + " "):
             return float(line.split()[1])
     return None
+
+
+def _metric(port, name):
+    return _value(_scrape(port), name)
 
 
 def _int(x):
@@ -154,10 +159,7 @@ def _inputs(port, lines=None):
                  if line.startswith("riskpipe_input_events_total{")]
     if per_topic:
         return sum(per_topic)
-    for line in lines:
-        if line.startswith("riskpipe_events_in_total "):
-            return float(line.split()[1])
-    return 0.0
+    return _value(lines, "riskpipe_events_in_total") or 0.0
 
 
 def _gc_seconds(port) -> float:
@@ -208,14 +210,6 @@ def _sink_totals(port) -> tuple[float, float, float]:
     return n, secs, rows
 
 
-def _counter(lines, name: str) -> float:
-    """An unlabelled counter's value in a scrape (0 if absent)."""
-    for line in lines:
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    return 0.0
-
-
 def _stages(lines) -> dict[str, float]:
     """The worker's seconds per stage (``riskpipe_stage_seconds_total``) in a scrape."""
     return {line.split('"')[1]: float(line.split()[-1]) for line in lines
@@ -251,8 +245,8 @@ def _time_breakdown(pid, first, last) -> dict:
             by_name[v[0]] = by_name.get(v[0], 0.0) + v[1] - th0.get(t, (None, 0.0, 0.0))[1]
     others = sum(by_name.values())
     st0, st1 = _stages(lines0), _stages(lines1)
-    units = [_counter(lines, "riskpipe_batches_total") for lines in (lines0, lines1)]
-    events = [_counter(lines, "riskpipe_events_in_total") for lines in (lines0, lines1)]
+    units = [_value(lines, "riskpipe_batches_total") or 0.0 for lines in (lines0, lines1)]
+    events = [_value(lines, "riskpipe_events_in_total") or 0.0 for lines in (lines0, lines1)]
     return {"window_s": round(window, 3),
             # units of work (the account path's micro-batches) and their events: each unit
             # has a fixed cost, so the events per unit say how much of it the load shares

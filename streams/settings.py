@@ -71,12 +71,7 @@ class Settings(BaseSettings):
     fetch_max_wait_ms: int = Field(20, ge=1, le=1500, description="longest the broker holds a "
                                    "fetch of the worker's topics waiting for data; while it "
                                    "does, no other partition of that broker is fetched")
-    # Why gather while records flow: answered at once, a worker at 2,000 events/s made 700-800
-    # units of work a second, and their fixed costs (aiokafka's fetch path on the consumer
-    # thread, a unit's on the event loop) took more CPU than the events did: 9.4-9.8 CPU-s per
-    # 10 s against 5.3-6.5 gathering. Only while fetches return records: after an empty one
-    # the worker asks to be answered at once again, so an idle worker polls no faster
-    # (streams/feed.py gather_while_flowing, docs/benchmarks.md).
+    # why gather, and what it saved: streams/feed.py gather_while_flowing
     fetch_gather_ms: int = Field(5, ge=0, le=500, description="while fetches return records, "
                                  "longest the broker gathers the worker's next fetch (up to "
                                  "fetch_gather_bytes) before answering; 0: answer at once")
