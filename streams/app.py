@@ -39,7 +39,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 import engine as E
 from schemas import Codec, ConfluentCodec, SchemaError
 
-from .feed import PromptTableManager, install as install_feed
+from .feed import PromptTableManager, install as install_feed, wake_after_fetch
 from .osthread import name_this_thread
 from .outputs import OutputProducer
 from . import rowblock
@@ -833,6 +833,7 @@ class Pipeline:
                                     enable_auto_commit=False, auto_offset_reset="earliest",
                                     **_aiokafka_security(s))
         await consumer.start()
+        wake_after_fetch(consumer._fetcher)  # quotes too, else a tick waits 200 ms for them
         self._bc_consumer = consumer
         try:
             tps = []

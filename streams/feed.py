@@ -519,6 +519,7 @@ class BatchConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
         name_this_thread("riskpipe-fetch")  # on_start runs on the consumer's own thread
         await super().on_start()
         fetcher = self._consumer._fetcher  # exists once the consumer has started
+        wake_after_fetch(fetcher)
         backoff_ms = getattr(self.transport, "prefetch_backoff_ms", None)
         if backoff_ms is not None:
             fetcher._prefetch_backoff = backoff_ms / 1000.0
@@ -535,6 +536,34 @@ class BatchConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
         if min_bytes is not None:
             consumer._fetch_min_bytes = int(min_bytes)  # likewise
         return consumer
+
+
+def wake_after_fetch(fetcher) -> None:
+    """Make an aiokafka fetcher look again for work once a fetch request is over and its
+    broker is free for the next one.
+
+    Why: the fetcher's routine sends at most one fetch request per broker; it marks the broker
+    busy when it sends one and a done-callback of the request's task frees it. When the routine
+    is woken by something else (the worker took buffered records) in the same moment as the
+    request ends, it runs before that callback: it sees the task done, drops it from the tasks
+    it waits on, but still sees the broker busy, so it sends nothing and sleeps until its poll
+    timeout (200 ms) or until records are taken, and none are coming. Every partition of that
+    broker waits meanwhile. Traced in the pipeline bench: the latency phases' one-second stalls
+    (p99 230-320 ms in one phase of ten) were each such a 200 ms sleep, the records appended
+    meanwhile handed to the worker at once, 220-270 ms after their append
+    (docs/benchmarks.md).
+
+    The fix: a done-callback of each request's task, added after the one that frees the
+    broker, wakes the routine (the signal it waits on when records are taken). Woken twice is
+    harmless: the routine only looks again."""
+    proc = fetcher._proc_fetch_request
+
+    async def proc_fetch_request(assignment, node_id, request):
+        asyncio.current_task().add_done_callback(
+            lambda _: fetcher._notify(fetcher._wait_consume_future))
+        return await proc(assignment, node_id, request)
+
+    fetcher._proc_fetch_request = proc_fetch_request
 
 
 def gather_while_flowing(fetcher, min_bytes: int, max_wait_ms: int) -> None:

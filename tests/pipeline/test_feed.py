@@ -155,12 +155,17 @@ def test_the_worker_consumer_caps_the_broker_side_fetch_wait():
     assert aio._fetch_max_wait_ms == 20
 
 
-def test_the_worker_consumer_caps_the_prefetch_back_off():
+def test_the_worker_consumer_caps_the_prefetch_back_off_and_wakes_after_fetches():
     """Records left in the fetcher (the changelog the worker writes but never reads) hold up
-    every partition of that broker for the fetcher's back-off: capped at the setting."""
+    every partition of that broker for the fetcher's back-off: capped at the setting. The
+    consumer thread also wraps the fetcher's requests (streams.feed.wake_after_fetch; its
+    effect is tested against the real broker in tests/kafka/test_fetch_wake.py)."""
     import faust
 
     from streams.feed import install
+
+    async def proc_fetch_request(assignment, node_id, request):
+        return False
 
     async def run():
         app = faust.App("feed-backoff-test", broker="kafka://127.0.0.1:1")
@@ -169,13 +174,16 @@ def test_the_worker_consumer_caps_the_prefetch_back_off():
 
         class Started:  # what on_start needs of aiokafka's consumer: start() builds the fetcher
             async def start(self):
-                self._fetcher = SimpleNamespace(_prefetch_backoff=0.1)
+                self._fetcher = SimpleNamespace(_prefetch_backoff=0.1,
+                                                _proc_fetch_request=proc_fetch_request)
 
         thread._create_consumer = lambda loop: Started()
         await thread.on_start()
-        return thread._consumer._fetcher._prefetch_backoff
+        return thread._consumer._fetcher
 
-    assert asyncio.run(run()) == 0.01
+    fetcher = asyncio.run(run())
+    assert fetcher._prefetch_backoff == 0.01
+    assert fetcher._proc_fetch_request is not proc_fetch_request
 
 
 # -- event-time alignment of the account topics ----------------------------------------------
