@@ -833,7 +833,7 @@ class Pipeline:
                                     enable_auto_commit=False, auto_offset_reset="earliest",
                                     **_aiokafka_security(s))
         await consumer.start()
-        wake_after_fetch(consumer._fetcher)  # quotes too, else a tick waits 200 ms for them
+        wake_after_fetch(consumer._fetcher)  # the same race could hold quotes (and ticks) 200 ms
         self._bc_consumer = consumer
         try:
             tps = []

@@ -549,8 +549,8 @@ def wake_after_fetch(fetcher) -> None:
     it waits on, but still sees the broker busy, so it sends nothing and sleeps until its poll
     timeout (200 ms) or until records are taken, and none are coming. Every partition of that
     broker waits meanwhile. Traced in the pipeline bench: the latency phases' one-second stalls
-    (p99 230-320 ms in one phase of ten) were each such a 200 ms sleep, the records appended
-    meanwhile handed to the worker at once, 220-270 ms after their append
+    (p99 230-320 ms in one phase of ten) were such 200 ms sleeps, the records appended
+    meanwhile handed to the worker at once, 195-267 ms after their append
     (docs/benchmarks.md).
 
     The fix: a done-callback of each request's task, added after the one that frees the

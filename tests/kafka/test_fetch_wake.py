@@ -4,8 +4,9 @@ the consumer idle (streams.feed.wake_after_fetch), against the real broker.
 The race is made to happen on every fetch: as each request ends, the test signals "records
 taken" first, so the fetcher's routine runs before the callback that frees the broker. The
 routine's poll timeout is set to an hour, so only the wake-up can start the next fetch. Without
-it the consumer stops fetching (the first case shows the race is real); with it a record sent
-later still arrives."""
+it the consumer stops fetching (the first case shows the race is real: should a later aiokafka
+close it, that case fails and the wrapper can go); with it a record sent later still
+arrives."""
 import asyncio
 
 import pytest
