@@ -335,8 +335,7 @@ class Pipeline:
                 await self.queue_outputs(out)
                 if per:
                     self._send_columns("scenario_pnl", per, chunk=20_000)
-                delivered = self.out.mark()
-                await self.acknowledge_later(lambda: self.flush_outputs(out, delivered))
+                await self.acknowledge_queued(out)
                 self.timings["stress"] += time.perf_counter() - t0
 
         self.accounts_agent = accounts
@@ -535,6 +534,13 @@ class Pipeline:
             while len(self._pending) > self.s.outstanding_units:
                 await self._pending.popleft()
             self.timings["backpressure"] += time.perf_counter() - t0
+
+    async def acknowledge_queued(self, out: Output) -> None:
+        """:meth:`acknowledge_later` for a unit whose records are all queued already (a market
+        tick, a stress run): its finish waits for a mark of everything queued up to now, then
+        drops ``out``'s margin events from the outboxes. Call under the work lock."""
+        delivered = self.out.mark()
+        await self.acknowledge_later(lambda: self.flush_outputs(out, delivered))
 
     async def _finish_or_stop(self, finish) -> None:
         """Run a batch's ``finish`` in the background; a failure stops the worker at once (the
@@ -1021,8 +1027,7 @@ class Pipeline:
         # one acknowledgement for the whole tick, in order after the unit before it (a wait per
         # step held the work lock for a broker round trip ten times a tick)
         async with self.work_lock:
-            delivered = self.out.mark()
-            await self.acknowledge_later(lambda: self.flush_outputs(sent, delivered))
+            await self.acknowledge_queued(sent)
 
 
 def _partitions(s: Settings, topics) -> dict[str, list[int]]:
